@@ -1,1 +1,735 @@
-//! placeholder
+//! Rust client for the NenCache agent.
+//!
+//! [`Client::connect`] opens a gRPC channel on the agent's Unix socket, performs the
+//! handshake, attaches a session (receiving the arena and staging descriptors) and maps both
+//! regions. Then:
+//!
+//! - [`Client::put`] / [`Client::put_many`] reserve space, write values into the staging
+//!   area and commit them; [`Client::reserve`] exposes the staging slot for callers that fill
+//!   it themselves (a device-to-host copy, for instance);
+//! - [`Client::get`] returns [`Value`]s: zero-copy views of the read-only arena, each holding
+//!   a lease that is released (in batches, in the background) when the value is dropped;
+//! - [`Client::lookup`], [`Client::delete`], [`Client::stats`].
+//!
+//! Chunk keys for prompts come from [`ChunkKeys`] (re-exported from the engine).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), nencache_client::ClientError> {
+//! let client = nencache_client::Client::connect("/run/nencache/agent.sock").await?;
+//! client.put(b"key", b"value", b"").await?;
+//! let values = client.get(&[b"key"]).await?;
+//! assert_eq!(values[0].as_ref().map(|v| v.as_slice()), Some(&b"value"[..]));
+//! # Ok(()) }
+//! ```
+
+use std::{
+    fs::File,
+    io::Write,
+    os::unix::net::UnixStream as StdUnixStream,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use hyper_util::rt::TokioIo;
+use memmap2::{Mmap, MmapOptions, MmapRaw};
+use nencache_api::{
+    PROTOCOL_VERSION,
+    attach::{self, Hello, MAX_REPLY_LEN, Reply},
+    v1::{self, node_cache_client::NodeCacheClient},
+};
+pub use nencache_engine::{ChunkKeys, DEFAULT_CHUNK_SIZE, MAX_KEY_LEN, checksum, hex};
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use tonic::transport::{Channel, Endpoint};
+
+/// What went wrong in a client call.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The gRPC channel could not be opened.
+    #[error("connecting to {socket}: {source}")]
+    Connect {
+        /// The socket.
+        socket: PathBuf,
+        /// Why.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The agent refused or failed a call.
+    #[error("{}: {}", .0.code(), .0.message())]
+    Status(#[from] tonic::Status),
+    /// The attach exchange failed.
+    #[error("attaching a session: {0}")]
+    Attach(String),
+    /// Mapping shared memory or another local operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The agent answered something this client does not understand.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    /// The gRPC code, when the agent refused the call.
+    #[must_use]
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            Self::Status(s) => Some(s.code()),
+            _ => None,
+        }
+    }
+}
+
+type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// Connection options.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Name sent in the handshake, for the agent's logs.
+    pub client_name: String,
+    /// Send an XXH3-64 checksum with each commit, so the agent verifies the bytes it copied
+    /// from staging (protects a put against another process writing the staging area).
+    pub verify_puts: bool,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            client_name: format!("nencache-client/{}", std::process::id()),
+            verify_puts: false,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct ReleaseQueue {
+    pending: Mutex<Vec<u64>>,
+    wake: Notify,
+}
+
+#[derive(Debug)]
+struct Shared {
+    arena: Mmap,
+    staging: MmapRaw,
+    releases: Arc<ReleaseQueue>,
+    /// Keeps the session alive: the agent ends it when this connection closes.
+    _attach: StdUnixStream,
+}
+
+/// Limits and layout the agent announced in the handshake.
+#[derive(Debug, Clone)]
+pub struct AgentInfo {
+    /// Agent version.
+    pub agent_version: String,
+    /// Arena size in bytes.
+    pub arena_size: u64,
+    /// Staging size in bytes.
+    pub staging_size: u64,
+    /// Allocation granule.
+    pub page_size: u32,
+    /// Limits.
+    pub limits: v1::Limits,
+}
+
+/// A connected client with an attached session. Cheap to clone; clones share the session.
+#[derive(Debug, Clone)]
+pub struct Client {
+    grpc: NodeCacheClient<Channel>,
+    session: u64,
+    shared: Arc<Shared>,
+    info: Arc<AgentInfo>,
+    options: ClientOptions,
+    _flusher: Arc<FlusherGuard>,
+}
+
+#[derive(Debug)]
+struct FlusherGuard(tokio::task::JoinHandle<()>);
+
+impl Drop for FlusherGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A value read from the cache: a view of the read-only arena, valid while this lives. Its
+/// lease is released when it is dropped.
+#[derive(Debug)]
+pub struct Value {
+    shared: Arc<Shared>,
+    offset: usize,
+    len: usize,
+    lease: u64,
+    metadata: Vec<u8>,
+}
+
+impl Value {
+    /// The value's bytes, in place in shared memory.
+    #[must_use]
+    pub fn as_slice(&self) -> &[u8] {
+        &self.shared.arena[self.offset..self.offset + self.len]
+    }
+
+    /// The metadata stored with the value.
+    #[must_use]
+    pub fn metadata(&self) -> &[u8] {
+        &self.metadata
+    }
+
+    /// The lease id.
+    #[must_use]
+    pub fn lease(&self) -> u64 {
+        self.lease
+    }
+}
+
+impl std::ops::Deref for Value {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl Drop for Value {
+    fn drop(&mut self) {
+        self.shared.releases.pending.lock().push(self.lease);
+        self.shared.releases.wake.notify_one();
+    }
+}
+
+/// One value to put.
+#[derive(Debug, Clone, Copy)]
+pub struct Put<'a> {
+    /// Key (1 to 256 bytes).
+    pub key: &'a [u8],
+    /// Value bytes.
+    pub value: &'a [u8],
+    /// Opaque metadata.
+    pub metadata: &'a [u8],
+    /// Time to live; `None` takes the agent's default.
+    pub ttl: Option<Duration>,
+}
+
+/// What happened to one put.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// Stored.
+    Stored,
+    /// The key was already cached; nothing was written.
+    Exists,
+    /// The agent found different bytes than the checksum said; nothing was stored.
+    ChecksumMismatch,
+}
+
+/// A reserved staging slot: write the value into it, then [`Client::commit`].
+#[derive(Debug)]
+pub struct Slot {
+    id: u64,
+    offset: usize,
+    len: usize,
+}
+
+impl Slot {
+    /// The reservation id.
+    #[must_use]
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Length of the value to write.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the value is empty.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Client {
+    /// Connects with default options.
+    ///
+    /// # Errors
+    /// When the socket is unreachable, the handshake or attach fails, or mapping fails.
+    pub async fn connect(socket: impl AsRef<Path>) -> Result<Self> {
+        Self::connect_with(socket, ClientOptions::default()).await
+    }
+
+    /// Connects with `options`.
+    ///
+    /// # Errors
+    /// As [`Client::connect`].
+    pub async fn connect_with(socket: impl AsRef<Path>, options: ClientOptions) -> Result<Self> {
+        let socket = socket.as_ref().to_path_buf();
+        let path = socket.clone();
+        // The URI is required by the API but unused: the connector dials the Unix socket.
+        let channel = Endpoint::from_static("http://[::1]:50051")
+            .connect_with_connector(tower::service_fn(move |_| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
+            }))
+            .await
+            .map_err(|source| ClientError::Connect {
+                socket: socket.clone(),
+                source,
+            })?;
+        let mut grpc = NodeCacheClient::new(channel);
+        let hs = grpc
+            .handshake(v1::HandshakeRequest {
+                protocol_version: PROTOCOL_VERSION,
+                client_name: options.client_name.clone(),
+                tenant: String::new(),
+            })
+            .await?
+            .into_inner();
+        if hs.protocol_version != PROTOCOL_VERSION {
+            return Err(ClientError::Protocol(format!(
+                "agent speaks protocol {}, this client {PROTOCOL_VERSION}",
+                hs.protocol_version
+            )));
+        }
+        let attach_path = socket
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(&hs.attach_socket);
+        let (reply, stream, fds) =
+            tokio::task::spawn_blocking(move || attach_session(&attach_path))
+                .await
+                .map_err(|e| ClientError::Attach(e.to_string()))??;
+        let [arena_fd, staging_fd]: [std::os::fd::OwnedFd; 2] =
+            fds.try_into().map_err(|v: Vec<_>| {
+                ClientError::Attach(format!("expected 2 descriptors, got {}", v.len()))
+            })?;
+        let arena_file = File::from(arena_fd);
+        let staging_file = File::from(staging_fd);
+        // SAFETY: the arena is mapped read-only from a read-only descriptor; the agent never
+        // rewrites an extent while a lease on it is held, which is when `Value` reads it.
+        let arena = unsafe {
+            MmapOptions::new()
+                .len(reply.arena_len as usize)
+                .map(&arena_file)
+        }
+        .map_err(|source| ClientError::Io {
+            what: "mapping the arena",
+            source,
+        })?;
+        let staging = MmapOptions::new()
+            .len(reply.staging_len as usize)
+            .map_raw(&staging_file)
+            .map_err(|source| ClientError::Io {
+                what: "mapping the staging area",
+                source,
+            })?;
+        let limits = hs.limits.unwrap_or_default();
+        let info = AgentInfo {
+            agent_version: hs.agent_version,
+            arena_size: reply.arena_len,
+            staging_size: reply.staging_len,
+            page_size: hs.page_size,
+            limits,
+        };
+        let releases = Arc::new(ReleaseQueue::default());
+        let shared = Arc::new(Shared {
+            arena,
+            staging,
+            releases: releases.clone(),
+            _attach: stream,
+        });
+        let flusher = tokio::spawn(flush_releases(grpc.clone(), reply.session, releases));
+        Ok(Self {
+            grpc,
+            session: reply.session,
+            shared,
+            info: Arc::new(info),
+            options,
+            _flusher: Arc::new(FlusherGuard(flusher)),
+        })
+    }
+
+    /// The session id.
+    #[must_use]
+    pub fn session(&self) -> u64 {
+        self.session
+    }
+
+    /// What the agent announced.
+    #[must_use]
+    pub fn info(&self) -> &AgentInfo {
+        &self.info
+    }
+
+    /// How many leading `keys` are cached, and the tier of each of those.
+    ///
+    /// # Errors
+    /// The agent's refusal (an invalid key, an oversized batch) or a transport error.
+    pub async fn lookup(&self, keys: &[&[u8]]) -> Result<(usize, Vec<v1::Tier>)> {
+        let r = self
+            .grpc
+            .clone()
+            .lookup(v1::LookupRequest {
+                keys: keys.iter().map(|k| k.to_vec()).collect(),
+            })
+            .await?
+            .into_inner();
+        let tiers = r
+            .tiers
+            .into_iter()
+            .map(|t| v1::Tier::try_from(t).unwrap_or_default())
+            .collect();
+        Ok((r.prefix_hits as usize, tiers))
+    }
+
+    /// Puts one value.
+    ///
+    /// # Errors
+    /// As [`Client::put_many`].
+    pub async fn put(&self, key: &[u8], value: &[u8], metadata: &[u8]) -> Result<PutOutcome> {
+        let r = self
+            .put_many(&[Put {
+                key,
+                value,
+                metadata,
+                ttl: None,
+            }])
+            .await?;
+        Ok(r[0])
+    }
+
+    /// Puts a batch of values: one reserve, the copies into staging, one commit.
+    ///
+    /// # Errors
+    /// The agent's refusal (invalid or oversized input, `RESOURCE_EXHAUSTED` when no space
+    /// can be made) or a transport error. A refused batch stores nothing.
+    pub async fn put_many(&self, puts: &[Put<'_>]) -> Result<Vec<PutOutcome>> {
+        let items: Vec<_> = puts
+            .iter()
+            .map(|p| (p.key, p.value.len() as u64, p.metadata, p.ttl))
+            .collect();
+        let slots = self.reserve(&items).await?;
+        let mut to_commit = Vec::with_capacity(slots.len());
+        for (slot, p) in slots.iter().zip(puts) {
+            if let Some(slot) = slot {
+                self.write_slot(slot, 0, p.value)?;
+                to_commit.push((slot, p.value));
+            }
+        }
+        let outcomes = self
+            .commit_with(&to_commit, self.options.verify_puts)
+            .await?;
+        let mut it = outcomes.into_iter();
+        Ok(slots
+            .iter()
+            .map(|s| {
+                if s.is_some() {
+                    it.next().unwrap_or(PutOutcome::Stored)
+                } else {
+                    PutOutcome::Exists
+                }
+            })
+            .collect())
+    }
+
+    /// Reserves staging slots for `(key, value_len, metadata, ttl)` items; `None` for keys
+    /// already cached.
+    ///
+    /// # Errors
+    /// The agent's refusal or a transport error; then nothing is reserved.
+    pub async fn reserve(
+        &self,
+        items: &[(&[u8], u64, &[u8], Option<Duration>)],
+    ) -> Result<Vec<Option<Slot>>> {
+        let r = self
+            .grpc
+            .clone()
+            .reserve(v1::ReserveRequest {
+                session: self.session,
+                items: items
+                    .iter()
+                    .map(|&(key, value_len, metadata, ttl)| v1::PutItem {
+                        key: key.to_vec(),
+                        value_len,
+                        metadata: metadata.to_vec(),
+                        ttl_ms: ttl.map_or(0, |t| t.as_millis().max(1) as u64),
+                        overwrite: false,
+                    })
+                    .collect(),
+            })
+            .await?
+            .into_inner();
+        if r.reservations.len() != items.len() {
+            return Err(ClientError::Protocol(
+                "reserve answered the wrong number of items".into(),
+            ));
+        }
+        r.reservations
+            .iter()
+            .zip(items)
+            .map(
+                |(res, item)| match v1::ReserveStatus::try_from(res.status) {
+                    Ok(v1::ReserveStatus::Reserved) => {
+                        let offset = res.staging_offset as usize;
+                        let len = item.1 as usize;
+                        if offset
+                            .checked_add(len)
+                            .is_none_or(|end| end > self.shared.staging.len())
+                        {
+                            return Err(ClientError::Protocol("staging slot out of bounds".into()));
+                        }
+                        Ok(Some(Slot {
+                            id: res.reservation_id,
+                            offset,
+                            len,
+                        }))
+                    }
+                    Ok(v1::ReserveStatus::Exists) => Ok(None),
+                    _ => Err(ClientError::Protocol(format!(
+                        "unknown reserve status {}",
+                        res.status
+                    ))),
+                },
+            )
+            .collect()
+    }
+
+    /// Writes `data` at `at` within `slot`.
+    ///
+    /// # Errors
+    /// When the write would leave the slot.
+    pub fn write_slot(&self, slot: &Slot, at: usize, data: &[u8]) -> Result<()> {
+        if at.checked_add(data.len()).is_none_or(|end| end > slot.len) {
+            return Err(ClientError::Protocol(format!(
+                "write of {} bytes at {at} leaves a slot of {} bytes",
+                data.len(),
+                slot.len
+            )));
+        }
+        // SAFETY: the range lies inside this session's reserved staging slot (bounds checked
+        // here and at reserve); the agent does not touch it until commit, and no reference
+        // into shared memory is created, only a raw copy.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                self.shared.staging.as_mut_ptr().add(slot.offset + at),
+                data.len(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Commits filled slots; with `verify`, sends each value's checksum, computed from the
+    /// bytes given beside its slot.
+    async fn commit_with(&self, slots: &[(&Slot, &[u8])], verify: bool) -> Result<Vec<PutOutcome>> {
+        if slots.is_empty() {
+            return Ok(Vec::new());
+        }
+        let items = slots
+            .iter()
+            .map(|(s, v)| v1::CommitItem {
+                reservation_id: s.id,
+                checksum: verify.then(|| checksum(v)),
+            })
+            .collect();
+        let r = self
+            .grpc
+            .clone()
+            .commit(v1::CommitRequest {
+                session: self.session,
+                items,
+            })
+            .await?
+            .into_inner();
+        Ok(r.statuses
+            .into_iter()
+            .map(|s| match v1::CommitStatus::try_from(s) {
+                Ok(v1::CommitStatus::ChecksumMismatch) => PutOutcome::ChecksumMismatch,
+                _ => PutOutcome::Stored,
+            })
+            .collect())
+    }
+
+    /// Commits slots filled by the caller (no checksum).
+    ///
+    /// # Errors
+    /// The agent's refusal (unknown, foreign or duplicate reservation) or a transport error.
+    pub async fn commit(&self, slots: &[Slot]) -> Result<Vec<PutOutcome>> {
+        let pairs: Vec<(&Slot, &[u8])> = slots.iter().map(|s| (s, &[][..])).collect();
+        self.commit_with(&pairs, false).await
+    }
+
+    /// Abandons reserved slots.
+    ///
+    /// # Errors
+    /// The agent's refusal or a transport error.
+    pub async fn abort(&self, slots: &[Slot]) -> Result<()> {
+        self.grpc
+            .clone()
+            .abort(v1::AbortRequest {
+                session: self.session,
+                reservation_ids: slots.iter().map(|s| s.id).collect(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Gets values; `None` for keys not cached. Each value holds a lease until dropped.
+    ///
+    /// # Errors
+    /// The agent's refusal (an invalid key, too many leases) or a transport error.
+    pub async fn get(&self, keys: &[&[u8]]) -> Result<Vec<Option<Value>>> {
+        let r = self
+            .grpc
+            .clone()
+            .get(v1::GetRequest {
+                session: self.session,
+                keys: keys.iter().map(|k| k.to_vec()).collect(),
+            })
+            .await?
+            .into_inner();
+        let arena_len = self.shared.arena.len() as u64;
+        let mut out = Vec::with_capacity(r.items.len());
+        for it in r.items {
+            if !it.found {
+                out.push(None);
+                continue;
+            }
+            if it
+                .offset
+                .checked_add(it.len)
+                .is_none_or(|end| end > arena_len)
+            {
+                return Err(ClientError::Protocol("value extent out of bounds".into()));
+            }
+            out.push(Some(Value {
+                shared: self.shared.clone(),
+                offset: it.offset as usize,
+                len: it.len as usize,
+                lease: it.lease_id,
+                metadata: it.metadata,
+            }));
+        }
+        Ok(out)
+    }
+
+    /// Sends the releases of dropped values now instead of in the background.
+    ///
+    /// # Errors
+    /// A transport error.
+    pub async fn flush_releases(&self) -> Result<()> {
+        let ids = std::mem::take(&mut *self.shared.releases.pending.lock());
+        if !ids.is_empty() {
+            self.grpc
+                .clone()
+                .release(v1::ReleaseRequest {
+                    session: self.session,
+                    lease_ids: ids,
+                })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes keys; returns how many existed.
+    ///
+    /// # Errors
+    /// The agent's refusal or a transport error.
+    pub async fn delete(&self, keys: &[&[u8]]) -> Result<usize> {
+        let r = self
+            .grpc
+            .clone()
+            .delete(v1::DeleteRequest {
+                keys: keys.iter().map(|k| k.to_vec()).collect(),
+            })
+            .await?;
+        Ok(r.into_inner().deleted as usize)
+    }
+
+    /// The agent's counters.
+    ///
+    /// # Errors
+    /// A transport error.
+    pub async fn stats(&self) -> Result<v1::StatsResponse> {
+        Ok(self
+            .grpc
+            .clone()
+            .stats(v1::StatsRequest {})
+            .await?
+            .into_inner())
+    }
+}
+
+/// Sends the releases of dropped values in batches; runs until the last clone of the client
+/// is dropped.
+async fn flush_releases(grpc: NodeCacheClient<Channel>, session: u64, queue: Arc<ReleaseQueue>) {
+    loop {
+        let notified = queue.wake.notified();
+        let ids = std::mem::take(&mut *queue.pending.lock());
+        if ids.is_empty() {
+            notified.await;
+            continue;
+        }
+        if let Err(e) = grpc
+            .clone()
+            .release(v1::ReleaseRequest {
+                session,
+                lease_ids: ids,
+            })
+            .await
+        {
+            tracing::warn!(error = %e, "releasing leases");
+        }
+    }
+}
+
+fn attach_session(path: &Path) -> Result<(Reply, StdUnixStream, Vec<std::os::fd::OwnedFd>)> {
+    use std::os::fd::AsFd;
+    let err = |e: std::io::Error| ClientError::Attach(format!("{}: {e}", path.display()));
+    let mut stream = StdUnixStream::connect(path).map_err(err)?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(err)?;
+    stream
+        .write_all(
+            &Hello {
+                version: PROTOCOL_VERSION,
+                tenant: String::new(),
+            }
+            .encode(),
+        )
+        .map_err(err)?;
+    let mut buf = vec![0u8; MAX_REPLY_LEN];
+    let mut have = 0;
+    let mut fds = Vec::new();
+    let reply = loop {
+        let n = attach::recv_with_fds(stream.as_fd(), &mut buf[have..], &mut fds).map_err(err)?;
+        if n == 0 {
+            return Err(ClientError::Attach("agent closed the attach socket".into()));
+        }
+        have += n;
+        match Reply::decode(&buf[..have]) {
+            Ok(r) => break r,
+            Err(_) if have < MAX_REPLY_LEN => {}
+            Err(e) => return Err(ClientError::Attach(e.to_string())),
+        }
+    };
+    if reply.status != attach::status::OK {
+        return Err(ClientError::Attach(format!(
+            "refused (status {}): {}",
+            reply.status, reply.message
+        )));
+    }
+    stream.set_read_timeout(None).map_err(err)?;
+    Ok((reply, stream, fds))
+}

@@ -1,1 +1,27 @@
-//! placeholder
+//! The NenCache node agent.
+//!
+//! `nencache-agent serve` runs the host-memory tier of the cache and serves it to inference
+//! pods on the node: gRPC control over a Unix socket ([`service`]), shared-memory handoff
+//! through the attach socket ([`attach`]), health and metrics over HTTP ([`admin`],
+//! [`metrics`]). [`config`] turns flags, `NENCACHE_AGENT_*` variables and a YAML file into
+//! validated [`config::Settings`]; [`server::Agent`] binds and serves; [`cli`] holds the
+//! `nencache` command-line tool, its demo included.
+//!
+//! # Layout
+//! - [`config`]: settings and their sources;
+//! - [`socket`]: socket paths as managed resources (lock, stale files, permissions);
+//! - [`server`]: start-up, serving and graceful shutdown;
+//! - [`service`]: the gRPC service and the one engine-error-to-status mapping;
+//! - [`attach`]: sessions and descriptor passing;
+//! - [`admin`], [`metrics`], [`telemetry`]: observability;
+//! - [`cli`]: `put`, `get`, `stats`, `demo`.
+
+pub mod admin;
+pub mod attach;
+pub mod cli;
+pub mod config;
+pub mod metrics;
+pub mod server;
+pub mod service;
+pub mod socket;
+pub mod telemetry;

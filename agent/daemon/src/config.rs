@@ -1,0 +1,503 @@
+//! Agent configuration: one typed structure read from an optional YAML file, then overridden
+//! by command-line flags and `NENCACHE_AGENT_*` environment variables, and validated once into
+//! [`Settings`]. Every setting has a default, so the agent runs with no configuration at all.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
+
+use clap::Args;
+use nencache_engine::{EngineConfig, EvictionPolicy};
+use serde::Deserialize;
+
+/// A configuration problem, reported before anything starts.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The configuration file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The configuration file is not valid YAML for this schema.
+    #[error("parsing {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: serde_yaml_ng::Error,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// A byte count written as an integer or with a binary or decimal unit (`512MiB`, `1GiB`,
+/// `4k`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("invalid byte size {s:?}"))?;
+        let mul: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" => 1000,
+            "ki" | "kib" => 1 << 10,
+            "m" | "mb" => 1_000_000,
+            "mi" | "mib" => 1 << 20,
+            "g" | "gb" => 1_000_000_000,
+            "gi" | "gib" => 1 << 30,
+            "t" | "tb" => 1_000_000_000_000,
+            "ti" | "tib" => 1 << 40,
+            other => return Err(format!("unknown unit {other:?} in byte size {s:?}")),
+        };
+        n.checked_mul(mul)
+            .map(Self)
+            .ok_or_else(|| format!("byte size {s:?} overflows"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(Self(n)),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl std::fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0;
+        for (unit, shift) in [("GiB", 30), ("MiB", 20), ("KiB", 10)] {
+            if n >= 1 << shift {
+                return if n % (1 << shift) == 0 {
+                    write!(f, "{}{unit}", n >> shift)
+                } else {
+                    write!(f, "{:.1}{unit}", n as f64 / (1u64 << shift) as f64)
+                };
+            }
+        }
+        write!(f, "{n}B")
+    }
+}
+
+/// A duration written as milliseconds (integer) or with a unit (`250ms`, `30s`, `5m`, `1h`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl FromStr for HumanDuration {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
+        let d = match unit.trim() {
+            "" | "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n * 60),
+            "h" => Duration::from_secs(n * 3600),
+            other => return Err(format!("unknown unit {other:?} in duration {s:?}")),
+        };
+        Ok(Self(d))
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(Self(Duration::from_millis(n))),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The configuration file's schema (every field optional).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct FileConfig {
+    /// gRPC socket path.
+    pub socket: Option<PathBuf>,
+    /// Admin HTTP address (health, readiness, metrics); `off` disables it.
+    pub admin_addr: Option<String>,
+    /// Log format.
+    pub log_format: Option<LogFormat>,
+    /// Log filter (`info`, `nencache_agent=debug`, ...).
+    pub log_level: Option<String>,
+    /// OTLP/gRPC endpoint for traces; unset means no export.
+    pub otlp_endpoint: Option<String>,
+    /// Time allowed for in-flight calls at shutdown.
+    pub shutdown_grace: Option<HumanDuration>,
+    /// Host-memory tier.
+    #[serde(default)]
+    pub host: HostFileConfig,
+    /// Bounds on tables and batches.
+    #[serde(default)]
+    pub limits: LimitsFileConfig,
+}
+
+/// `host:` section.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct HostFileConfig {
+    /// Arena size.
+    pub capacity: Option<ByteSize>,
+    /// Staging area size.
+    pub staging: Option<ByteSize>,
+    /// Allocation granule.
+    pub page_size: Option<ByteSize>,
+    /// Largest value.
+    pub max_value: Option<ByteSize>,
+    /// `s3fifo` or `lru`.
+    pub eviction: Option<String>,
+    /// Lock the arena into RAM.
+    pub lock_memory: Option<bool>,
+    /// Default TTL for entries.
+    pub default_ttl: Option<HumanDuration>,
+}
+
+/// `limits:` section.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct LimitsFileConfig {
+    /// Most items per batched call.
+    pub max_batch: Option<usize>,
+    /// Most leases held at once.
+    pub max_leases: Option<u32>,
+    /// Most leases per session.
+    pub max_leases_per_session: Option<u32>,
+    /// Most reservations in flight.
+    pub max_reservations: Option<u32>,
+    /// Most sessions.
+    pub max_sessions: Option<u32>,
+    /// Uncommitted reservations are reclaimed after this.
+    pub reservation_timeout: Option<HumanDuration>,
+}
+
+/// Flags of `nencache-agent serve`; each also reads `NENCACHE_AGENT_<NAME>`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServeArgs {
+    /// YAML configuration file; flags and environment override it.
+    #[arg(long, env = "NENCACHE_AGENT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// gRPC Unix socket [default: $XDG_RUNTIME_DIR/nencache/agent.sock, else
+    /// /tmp/nencache-$UID/agent.sock].
+    #[arg(long, env = "NENCACHE_AGENT_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// Admin HTTP address for /healthz, /readyz and /metrics, or `off` [default:
+    /// 127.0.0.1:9464].
+    #[arg(long, env = "NENCACHE_AGENT_ADMIN_ADDR")]
+    pub admin_addr: Option<String>,
+    /// Host-memory arena size [default: 1GiB].
+    #[arg(long, env = "NENCACHE_AGENT_HOST_CAPACITY")]
+    pub host_capacity: Option<ByteSize>,
+    /// Staging area size for puts in flight [default: a quarter of the arena, at most
+    /// 256MiB, at least the largest value].
+    #[arg(long, env = "NENCACHE_AGENT_STAGING_SIZE")]
+    pub staging_size: Option<ByteSize>,
+    /// Largest value accepted [default: 64MiB, capped by the staging area].
+    #[arg(long, env = "NENCACHE_AGENT_MAX_VALUE")]
+    pub max_value: Option<ByteSize>,
+    /// Allocation granule [default: 4KiB].
+    #[arg(long, env = "NENCACHE_AGENT_PAGE_SIZE")]
+    pub page_size: Option<ByteSize>,
+    /// Eviction policy: s3fifo or lru [default: s3fifo].
+    #[arg(long, env = "NENCACHE_AGENT_EVICTION")]
+    pub eviction: Option<String>,
+    /// Lock the arena into RAM (needs CAP_IPC_LOCK).
+    #[arg(long, env = "NENCACHE_AGENT_LOCK_MEMORY")]
+    pub lock_memory: Option<bool>,
+    /// Default TTL of entries (e.g. 10m) [default: none].
+    #[arg(long, env = "NENCACHE_AGENT_DEFAULT_TTL")]
+    pub default_ttl: Option<HumanDuration>,
+    /// Reclaim reservations not committed within this time [default: 30s].
+    #[arg(long, env = "NENCACHE_AGENT_RESERVATION_TIMEOUT")]
+    pub reservation_timeout: Option<HumanDuration>,
+    /// Log format [default: text].
+    #[arg(long, env = "NENCACHE_AGENT_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// Log filter [default: info].
+    #[arg(long, env = "NENCACHE_AGENT_LOG_LEVEL")]
+    pub log_level: Option<String>,
+    /// OTLP/gRPC endpoint for traces (e.g. http://127.0.0.1:4317) [default: off].
+    #[arg(long, env = "NENCACHE_AGENT_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Grace period for in-flight calls at shutdown [default: 10s].
+    #[arg(long, env = "NENCACHE_AGENT_SHUTDOWN_GRACE")]
+    pub shutdown_grace: Option<HumanDuration>,
+}
+
+/// Validated settings the agent runs with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// gRPC socket path.
+    pub socket: PathBuf,
+    /// Admin HTTP address, if enabled.
+    pub admin_addr: Option<SocketAddr>,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Log filter.
+    pub log_level: String,
+    /// OTLP endpoint, if traces are exported.
+    pub otlp_endpoint: Option<String>,
+    /// Shutdown grace period.
+    pub shutdown_grace: Duration,
+    /// Host tier.
+    pub engine: EngineConfig,
+}
+
+/// The per-user runtime directory the agent uses when no socket is configured.
+#[must_use]
+pub fn default_runtime_dir(xdg_runtime_dir: Option<&Path>) -> PathBuf {
+    match xdg_runtime_dir {
+        Some(d) if d.is_absolute() => d.join("nencache"),
+        _ => PathBuf::from(format!(
+            "/tmp/nencache-{}",
+            rustix::process::getuid().as_raw()
+        )),
+    }
+}
+
+impl ServeArgs {
+    /// Merges the file (if any), these flags and defaults, and validates the result.
+    /// `xdg_runtime_dir` is passed in so that nothing here reads the environment.
+    ///
+    /// # Errors
+    /// An unreadable or invalid file, or invalid values.
+    pub fn resolve(&self, xdg_runtime_dir: Option<&Path>) -> Result<Settings, ConfigError> {
+        let file = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                serde_yaml_ng::from_str::<FileConfig>(&text).map_err(|source| {
+                    ConfigError::Parse {
+                        path: path.clone(),
+                        source,
+                    }
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        Self::merge(self.clone(), file, xdg_runtime_dir)
+    }
+
+    fn merge(
+        a: Self,
+        f: FileConfig,
+        xdg_runtime_dir: Option<&Path>,
+    ) -> Result<Settings, ConfigError> {
+        let invalid = ConfigError::Invalid;
+        let socket = a
+            .socket
+            .or(f.socket)
+            .unwrap_or_else(|| default_runtime_dir(xdg_runtime_dir).join("agent.sock"));
+        if socket.file_name().is_none() {
+            return Err(invalid(format!(
+                "socket path {} has no file name",
+                socket.display()
+            )));
+        }
+        let admin = a
+            .admin_addr
+            .or(f.admin_addr)
+            .unwrap_or_else(|| "127.0.0.1:9464".into());
+        let admin_addr = if admin.eq_ignore_ascii_case("off") {
+            None
+        } else {
+            Some(
+                admin
+                    .parse()
+                    .map_err(|e| invalid(format!("admin address {admin:?}: {e}")))?,
+            )
+        };
+        let d = EngineConfig::default();
+        let capacity = a
+            .host_capacity
+            .or(f.host.capacity)
+            .map_or(d.capacity, |b| b.0);
+        let max_value_set = a.max_value.or(f.host.max_value).map(|b| b.0);
+        let staging = a.staging_size.or(f.host.staging).map_or_else(
+            || {
+                (capacity / 4)
+                    .min(d.staging)
+                    .max(max_value_set.unwrap_or(0))
+            },
+            |b| b.0,
+        );
+        let max_value = max_value_set.unwrap_or_else(|| d.max_value.min(staging).min(capacity));
+        let page_size = a
+            .page_size
+            .or(f.host.page_size)
+            .map_or(u64::from(d.page_size), |b| b.0);
+        let policy = match a.eviction.or(f.host.eviction) {
+            Some(p) => p.parse::<EvictionPolicy>().map_err(invalid)?,
+            None => d.policy,
+        };
+        let l = f.limits;
+        let engine = EngineConfig {
+            capacity,
+            staging,
+            page_size: u32::try_from(page_size)
+                .map_err(|_| invalid(format!("page size {page_size} is too large")))?,
+            max_value,
+            max_batch: l.max_batch.unwrap_or(d.max_batch),
+            max_leases: l.max_leases.unwrap_or(d.max_leases),
+            max_leases_per_session: l.max_leases_per_session.unwrap_or(d.max_leases_per_session),
+            max_reservations: l.max_reservations.unwrap_or(d.max_reservations),
+            max_sessions: l.max_sessions.unwrap_or(d.max_sessions),
+            reservation_timeout: a
+                .reservation_timeout
+                .or(l.reservation_timeout)
+                .map_or(d.reservation_timeout, |h| h.0),
+            default_ttl: a.default_ttl.or(f.host.default_ttl).map(|h| h.0),
+            policy,
+            lock_memory: a.lock_memory.or(f.host.lock_memory).unwrap_or(false),
+        };
+        engine.validate().map_err(|e| invalid(e.to_string()))?;
+        Ok(Settings {
+            socket,
+            admin_addr,
+            log_format: a.log_format.or(f.log_format).unwrap_or_default(),
+            log_level: a.log_level.or(f.log_level).unwrap_or_else(|| "info".into()),
+            otlp_endpoint: a
+                .otlp_endpoint
+                .or(f.otlp_endpoint)
+                .filter(|s| !s.is_empty()),
+            shutdown_grace: a
+                .shutdown_grace
+                .or(f.shutdown_grace)
+                .map_or(Duration::from_secs(10), |h| h.0),
+            engine,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_with_no_configuration() {
+        let s = ServeArgs::default()
+            .resolve(Some(Path::new("/run/user/1000")))
+            .unwrap();
+        assert_eq!(s.socket, Path::new("/run/user/1000/nencache/agent.sock"));
+        assert_eq!(s.engine.capacity, 1 << 30);
+        assert_eq!(s.engine.staging, 256 << 20);
+        assert_eq!(s.admin_addr, Some("127.0.0.1:9464".parse().unwrap()));
+        let s = ServeArgs::default().resolve(None).unwrap();
+        assert!(s.socket.starts_with("/tmp"));
+    }
+
+    #[test]
+    fn flags_override_file_and_file_overrides_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.yaml");
+        std::fs::write(
+            &path,
+            "socket: /x/a.sock\nadmin_addr: 'off'\nhost:\n  capacity: 64MiB\n  eviction: lru\n  \
+             default_ttl: 5m\nlimits:\n  reservation_timeout: 2s\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            host_capacity: Some(ByteSize(32 << 20)),
+            ..Default::default()
+        };
+        let s = args.resolve(None).unwrap();
+        assert_eq!(s.socket, Path::new("/x/a.sock"));
+        assert_eq!(s.admin_addr, None);
+        assert_eq!(s.engine.capacity, 32 << 20);
+        assert_eq!(s.engine.staging, 8 << 20);
+        assert_eq!(s.engine.policy, EvictionPolicy::Lru);
+        assert_eq!(s.engine.default_ttl, Some(Duration::from_secs(300)));
+        assert_eq!(s.engine.reservation_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn bad_configuration_is_reported_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.yaml");
+        std::fs::write(&path, "host:\n  capacty: 1GiB\n").unwrap();
+        let err = ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        }
+        .resolve(None)
+        .unwrap_err();
+        assert!(err.to_string().contains("capacty"), "{err}");
+        let err = ServeArgs {
+            eviction: Some("mru".into()),
+            ..Default::default()
+        }
+        .resolve(None)
+        .unwrap_err();
+        assert!(err.to_string().contains("unknown eviction policy"), "{err}");
+        let err = ServeArgs {
+            max_value: Some(ByteSize(2 << 30)),
+            ..Default::default()
+        }
+        .resolve(None)
+        .unwrap_err();
+        assert!(err.to_string().contains("max value"), "{err}");
+    }
+
+    #[test]
+    fn byte_sizes_and_durations_parse() {
+        assert_eq!("512MiB".parse::<ByteSize>().unwrap().0, 512 << 20);
+        assert_eq!("4k".parse::<ByteSize>().unwrap().0, 4000);
+        assert_eq!("1gib".parse::<ByteSize>().unwrap().0, 1 << 30);
+        assert!("12 parsecs".parse::<ByteSize>().is_err());
+        assert_eq!(ByteSize(3 << 20).to_string(), "3MiB");
+        assert_eq!(
+            "250ms".parse::<HumanDuration>().unwrap().0,
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            "2h".parse::<HumanDuration>().unwrap().0,
+            Duration::from_secs(7200)
+        );
+    }
+}

@@ -1,0 +1,256 @@
+//! The agent's serving loop: claims the socket path, builds the engine, and serves gRPC,
+//! the attach socket and the admin endpoint until asked to stop; then it stops accepting,
+//! lets in-flight calls finish within the grace period, and removes its sockets.
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    path::Path,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use nencache_api::v1::node_cache_server::NodeCacheServer;
+use nencache_engine::{Engine, EngineError};
+use tokio::{
+    net::{TcpListener, UnixListener},
+    sync::watch,
+};
+use tokio_stream::{StreamExt, wrappers::UnixListenerStream};
+
+use crate::{
+    admin::{self, AdminState},
+    attach,
+    config::Settings,
+    metrics::Metrics,
+    service::NodeCacheService,
+    socket::{SocketError, SocketPaths, attach_name},
+};
+
+/// Why the agent could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The socket path is unusable or taken.
+    #[error(transparent)]
+    Socket(#[from] SocketError),
+    /// The engine could not be built.
+    #[error("building the cache engine: {0}")]
+    Engine(#[from] EngineError),
+    /// A listener could not be bound.
+    #[error("binding {what} {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// Where.
+        addr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("serving gRPC: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// An agent whose sockets are bound, ready to serve.
+#[derive(Debug)]
+pub struct Agent {
+    settings: Settings,
+    paths: SocketPaths,
+    engine: Arc<Engine>,
+    metrics: Arc<Metrics>,
+    grpc: UnixListener,
+    attach: UnixListener,
+    admin: Option<TcpListener>,
+}
+
+impl Agent {
+    /// Claims the socket path, creates the shared memory and binds every listener.
+    ///
+    /// # Errors
+    /// A socket path held by a live agent, shared memory that cannot be created, or a
+    /// listener that cannot be bound.
+    pub async fn bind(settings: Settings) -> Result<Self, AgentError> {
+        let paths = SocketPaths::claim(&settings.socket)?;
+        let cfg = settings.engine.clone();
+        // Creating the arena pre-faults it (hundreds of ms per GiB): keep it off the reactor.
+        let engine = tokio::task::spawn_blocking(move || Engine::new(cfg))
+            .await
+            .map_err(|e| EngineError::Config(format!("engine set-up panicked: {e}")))??;
+        let bind = |what, p: &Path| {
+            UnixListener::bind(p).map_err(|source| AgentError::Bind {
+                what,
+                addr: p.display().to_string(),
+                source,
+            })
+        };
+        let grpc = bind("gRPC socket", &paths.grpc)?;
+        let attach = bind("attach socket", &paths.attach)?;
+        paths.set_permissions()?;
+        let admin = match settings.admin_addr {
+            Some(addr) => {
+                Some(
+                    TcpListener::bind(addr)
+                        .await
+                        .map_err(|source| AgentError::Bind {
+                            what: "admin address",
+                            addr: addr.to_string(),
+                            source,
+                        })?,
+                )
+            }
+            None => None,
+        };
+        Ok(Self {
+            settings,
+            paths,
+            engine: Arc::new(engine),
+            metrics: Arc::new(Metrics::new()),
+            grpc,
+            attach,
+            admin,
+        })
+    }
+
+    /// The gRPC socket path.
+    #[must_use]
+    pub fn socket(&self) -> &Path {
+        &self.paths.grpc
+    }
+
+    /// The admin endpoint's bound address, if enabled.
+    #[must_use]
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Serves until `shutdown` resolves, then drains and cleans up.
+    ///
+    /// # Errors
+    /// When the gRPC server fails.
+    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), AgentError> {
+        let Self {
+            settings,
+            paths,
+            engine,
+            metrics,
+            grpc,
+            attach,
+            admin,
+        } = self;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let stopped = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let state = Arc::new(AdminState {
+            engine: engine.clone(),
+            metrics: metrics.clone(),
+            ready: false.into(),
+        });
+        let admin_task = admin.map(|l| {
+            tracing::info!(addr = %l.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()), "admin endpoint listening");
+            tokio::spawn(admin::serve(l, state.clone(), stopped(stop_rx.clone())))
+        });
+        let attach_task = tokio::spawn(attach::serve(
+            attach,
+            engine.clone(),
+            metrics.clone(),
+            stop_rx.clone(),
+        ));
+        let reaper = {
+            let engine = engine.clone();
+            let mut rx = stop_rx.clone();
+            let every = (settings.engine.reservation_timeout / 4)
+                .clamp(Duration::from_millis(10), Duration::from_secs(1));
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {
+                            let n = engine.reap_expired_reservations();
+                            if n > 0 {
+                                tracing::info!(reclaimed = n, "reclaimed uncommitted reservations");
+                            }
+                        }
+                        _ = rx.changed() => break,
+                    }
+                }
+            })
+        };
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<NodeCacheServer<NodeCacheService>>()
+            .await;
+        let name = paths
+            .grpc
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let svc = NodeCacheService::new(engine.clone(), metrics.clone(), attach_name(&name));
+        let incoming = UnixListenerStream::new(grpc).map(|s| {
+            if let Ok(s) = &s
+                && let Ok(c) = s.peer_cred()
+            {
+                tracing::info!(pid = ?c.pid(), uid = c.uid(), gid = c.gid(), "gRPC connection");
+            }
+            s
+        });
+        let server = tonic::transport::Server::builder()
+            .trace_fn(|req| tracing::debug_span!("grpc", path = %req.uri().path()))
+            .add_service(health_service)
+            .add_service(NodeCacheServer::new(svc))
+            .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
+        let mut server = std::pin::pin!(server);
+        state.ready.store(true, Ordering::Release);
+        tracing::info!(
+            socket = %paths.grpc.display(),
+            attach = %paths.attach.display(),
+            host_capacity = settings.engine.capacity,
+            staging = settings.engine.staging,
+            eviction = ?settings.engine.policy,
+            "nencache agent serving"
+        );
+        let result = tokio::select! {
+            r = &mut server => r.map_err(AgentError::from),
+            () = shutdown => {
+                tracing::info!(grace = ?settings.shutdown_grace, "shutting down: no new calls, draining in-flight ones");
+                state.ready.store(false, Ordering::Release);
+                health.set_not_serving::<NodeCacheServer<NodeCacheService>>().await;
+                let _ = stop_tx.send(true);
+                match tokio::time::timeout(settings.shutdown_grace, &mut server).await {
+                    Ok(r) => r.map_err(AgentError::from),
+                    Err(_) => {
+                        tracing::warn!("grace period over; dropping remaining calls");
+                        Ok(())
+                    }
+                }
+            }
+        };
+        let _ = stop_tx.send(true);
+        let _ = attach_task.await;
+        let _ = reaper.await;
+        if let Some(t) = admin_task {
+            let _ = t.await;
+        }
+        paths.remove();
+        tracing::info!("agent stopped");
+        result
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn termination_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch SIGTERM; stopping on SIGINT only");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}

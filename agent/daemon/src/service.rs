@@ -1,0 +1,314 @@
+//! The gRPC service: translates `nencache.v1.NodeCache` calls into engine calls, records
+//! metrics, and maps engine errors to gRPC status codes in one place.
+
+use std::{sync::Arc, time::Duration, time::Instant};
+
+use nencache_api::{
+    PROTOCOL_VERSION,
+    v1::{self, node_cache_server::NodeCache},
+};
+use nencache_engine::{
+    Committed, Engine, EngineError, MAX_KEY_LEN, MAX_METADATA_LEN, PutItem, Reserved, Tier,
+};
+use tonic::{Code, Request, Response, Status};
+
+use crate::metrics::Metrics;
+
+/// The one mapping from engine errors to gRPC statuses.
+#[must_use]
+pub fn status_of(e: &EngineError) -> Status {
+    let code = match e {
+        EngineError::InvalidKey { .. }
+        | EngineError::ValueTooLarge { .. }
+        | EngineError::MetadataTooLarge { .. }
+        | EngineError::BatchTooLarge { .. }
+        | EngineError::DuplicateId(_) => Code::InvalidArgument,
+        EngineError::NoSpace { .. } => Code::ResourceExhausted,
+        EngineError::UnknownReservation(_) | EngineError::UnknownLease(_) => Code::NotFound,
+        EngineError::UnknownSession(_) => Code::FailedPrecondition,
+        EngineError::CommitInProgress(_) => Code::Aborted,
+        _ => Code::Internal,
+    };
+    Status::new(code, e.to_string())
+}
+
+/// Implementation of the node-local service over one engine (the default tenant).
+#[derive(Debug, Clone)]
+pub struct NodeCacheService {
+    engine: Arc<Engine>,
+    metrics: Arc<Metrics>,
+    attach_socket: String,
+}
+
+impl NodeCacheService {
+    /// A service over `engine`, announcing `attach_socket` (a file name beside the gRPC socket).
+    #[must_use]
+    pub fn new(engine: Arc<Engine>, metrics: Arc<Metrics>, attach_socket: String) -> Self {
+        Self {
+            engine,
+            metrics,
+            attach_socket,
+        }
+    }
+
+    fn finish<T>(
+        &self,
+        method: &'static str,
+        start: Instant,
+        r: Result<T, Status>,
+    ) -> Result<Response<T>, Status> {
+        let code = r.as_ref().map_or_else(Status::code, |_| Code::Ok);
+        self.metrics
+            .observe(method, code, start.elapsed().as_secs_f64());
+        if let Err(s) = &r {
+            tracing::debug!(method, code = ?s.code(), message = s.message(), "call refused");
+        }
+        r.map(Response::new)
+    }
+}
+
+fn tier(t: Tier) -> i32 {
+    match t {
+        Tier::Host => v1::Tier::Host as i32,
+    }
+}
+
+fn keys(k: &[Vec<u8>]) -> Vec<&[u8]> {
+    k.iter().map(Vec::as_slice).collect()
+}
+
+#[tonic::async_trait]
+impl NodeCache for NodeCacheService {
+    async fn handshake(
+        &self,
+        req: Request<v1::HandshakeRequest>,
+    ) -> Result<Response<v1::HandshakeResponse>, Status> {
+        let start = Instant::now();
+        let r = (|| {
+            let req = req.into_inner();
+            if req.protocol_version < PROTOCOL_VERSION {
+                return Err(Status::failed_precondition(format!(
+                    "protocol version {} is not supported (agent speaks {PROTOCOL_VERSION})",
+                    req.protocol_version
+                )));
+            }
+            if !(req.tenant.is_empty() || req.tenant == "default") {
+                return Err(Status::not_found(format!(
+                    "unknown tenant {:?}",
+                    req.tenant
+                )));
+            }
+            tracing::debug!(client = req.client_name, "handshake");
+            let cfg = self.engine.config();
+            Ok(v1::HandshakeResponse {
+                protocol_version: PROTOCOL_VERSION,
+                agent_version: env!("CARGO_PKG_VERSION").into(),
+                tenant: "default".into(),
+                arena: Some(v1::RegionDescription {
+                    size: self.engine.arena().len() as u64,
+                    writable: false,
+                }),
+                staging: Some(v1::RegionDescription {
+                    size: self.engine.staging().len() as u64,
+                    writable: true,
+                }),
+                page_size: cfg.page_size,
+                attach_socket: self.attach_socket.clone(),
+                limits: Some(v1::Limits {
+                    max_key_len: MAX_KEY_LEN as u32,
+                    max_value_len: cfg.max_value,
+                    max_metadata_len: MAX_METADATA_LEN as u32,
+                    max_batch: cfg.max_batch as u32,
+                    max_leases_per_session: cfg.max_leases_per_session,
+                    reservation_timeout_ms: cfg.reservation_timeout.as_millis() as u64,
+                }),
+            })
+        })();
+        self.finish("handshake", start, r)
+    }
+
+    async fn lookup(
+        &self,
+        req: Request<v1::LookupRequest>,
+    ) -> Result<Response<v1::LookupResponse>, Status> {
+        let start = Instant::now();
+        let req = req.into_inner();
+        let r = self
+            .engine
+            .lookup(&keys(&req.keys))
+            .map_err(|e| status_of(&e))
+            .map(|l| v1::LookupResponse {
+                prefix_hits: l.prefix as u32,
+                tiers: l.tiers.into_iter().map(tier).collect(),
+            });
+        self.finish("lookup", start, r)
+    }
+
+    async fn reserve(
+        &self,
+        req: Request<v1::ReserveRequest>,
+    ) -> Result<Response<v1::ReserveResponse>, Status> {
+        let start = Instant::now();
+        let req = req.into_inner();
+        let items: Vec<PutItem<'_>> = req
+            .items
+            .iter()
+            .map(|i| PutItem {
+                key: &i.key,
+                value_len: i.value_len,
+                metadata: &i.metadata,
+                ttl: (i.ttl_ms > 0).then(|| Duration::from_millis(i.ttl_ms)),
+                overwrite: i.overwrite,
+            })
+            .collect();
+        let r = self
+            .engine
+            .reserve(req.session, &items)
+            .map_err(|e| status_of(&e))
+            .map(|rs| v1::ReserveResponse {
+                reservations: rs
+                    .into_iter()
+                    .map(|r| match r {
+                        Reserved::Space { id, staging_offset } => v1::Reservation {
+                            status: v1::ReserveStatus::Reserved as i32,
+                            reservation_id: id,
+                            staging_offset,
+                        },
+                        Reserved::Exists => v1::Reservation {
+                            status: v1::ReserveStatus::Exists as i32,
+                            ..Default::default()
+                        },
+                    })
+                    .collect(),
+            });
+        self.finish("reserve", start, r)
+    }
+
+    async fn commit(
+        &self,
+        req: Request<v1::CommitRequest>,
+    ) -> Result<Response<v1::CommitResponse>, Status> {
+        let start = Instant::now();
+        let req = req.into_inner();
+        let items: Vec<(u64, Option<u64>)> = req
+            .items
+            .iter()
+            .map(|i| (i.reservation_id, i.checksum))
+            .collect();
+        // The commit copies values from staging into the arena: keep that off the reactor.
+        let r = tokio::task::block_in_place(|| self.engine.commit(req.session, &items))
+            .map_err(|e| status_of(&e))
+            .map(|cs| v1::CommitResponse {
+                statuses: cs
+                    .into_iter()
+                    .map(|c| match c {
+                        Committed::Done => v1::CommitStatus::Committed as i32,
+                        Committed::ChecksumMismatch => v1::CommitStatus::ChecksumMismatch as i32,
+                    })
+                    .collect(),
+            });
+        self.finish("commit", start, r)
+    }
+
+    async fn abort(
+        &self,
+        req: Request<v1::AbortRequest>,
+    ) -> Result<Response<v1::AbortResponse>, Status> {
+        let start = Instant::now();
+        let req = req.into_inner();
+        let r = self
+            .engine
+            .abort(req.session, &req.reservation_ids)
+            .map_err(|e| status_of(&e))
+            .map(|()| v1::AbortResponse {});
+        self.finish("abort", start, r)
+    }
+
+    async fn get(&self, req: Request<v1::GetRequest>) -> Result<Response<v1::GetResponse>, Status> {
+        let start = Instant::now();
+        let req = req.into_inner();
+        let r = self
+            .engine
+            .get(req.session, &keys(&req.keys))
+            .map_err(|e| status_of(&e))
+            .map(|ls| v1::GetResponse {
+                items: ls
+                    .into_iter()
+                    .map(|l| match l {
+                        Some(l) => v1::GetItem {
+                            found: true,
+                            lease_id: l.id,
+                            offset: l.offset,
+                            len: l.len,
+                            metadata: l.metadata,
+                            tier: tier(l.tier),
+                        },
+                        None => v1::GetItem::default(),
+                    })
+                    .collect(),
+            });
+        self.finish("get", start, r)
+    }
+
+    async fn release(
+        &self,
+        req: Request<v1::ReleaseRequest>,
+    ) -> Result<Response<v1::ReleaseResponse>, Status> {
+        let start = Instant::now();
+        let req = req.into_inner();
+        let r = self
+            .engine
+            .release(req.session, &req.lease_ids)
+            .map_err(|e| status_of(&e))
+            .map(|()| v1::ReleaseResponse {});
+        self.finish("release", start, r)
+    }
+
+    async fn delete(
+        &self,
+        req: Request<v1::DeleteRequest>,
+    ) -> Result<Response<v1::DeleteResponse>, Status> {
+        let start = Instant::now();
+        let req = req.into_inner();
+        let r = self
+            .engine
+            .delete(&keys(&req.keys))
+            .map_err(|e| status_of(&e))
+            .map(|n| v1::DeleteResponse { deleted: n as u32 });
+        self.finish("delete", start, r)
+    }
+
+    async fn stats(
+        &self,
+        _req: Request<v1::StatsRequest>,
+    ) -> Result<Response<v1::StatsResponse>, Status> {
+        let start = Instant::now();
+        let s = self.engine.stats();
+        let r = Ok(v1::StatsResponse {
+            tiers: vec![v1::TierStats {
+                tier: v1::Tier::Host as i32,
+                capacity_bytes: s.capacity_bytes,
+                used_bytes: s.used_bytes,
+                entries: s.entries,
+                evictions: s.evictions,
+            }],
+            hits: s.hits,
+            misses: s.misses,
+            lookup_keys: s.lookup_keys,
+            lookup_hits: s.lookup_hits,
+            commits: s.commits,
+            expirations: s.expirations,
+            deletes: s.deletes,
+            leases: s.leases,
+            reservations: s.reservations,
+            sessions: s.sessions,
+            reclaimed_leases: s.reclaimed_leases,
+            reclaimed_reservations: s.reclaimed_reservations,
+            checksum_failures: s.checksum_failures,
+            no_space: s.no_space,
+            staging_bytes: s.staging_bytes,
+            staging_used_bytes: s.staging_used_bytes,
+        });
+        self.finish("stats", start, r)
+    }
+}
