@@ -1,1 +1,37 @@
-fn main() {}
+//! `nencache-bench`: measures a NenCache agent through the real client, side by side in the
+//! same run with single-thread memcpy of the same bytes, Redis over a Unix socket doing SET and
+//! GET of the same values, and a raw Unix-socket round trip; and compares eviction policies'
+//! hit ratios on synthetic traces. It measures and reports; it asserts nothing about speed.
+//!
+//! ```text
+//! nencache-bench io       # throughput and latency (starts its own agent and redis-server)
+//! nencache-bench policy   # S3-FIFO vs LRU hit ratios on Zipf and chat traces
+//! ```
+
+mod io;
+mod policy;
+mod resp;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "nencache-bench", version, about = "Benchmarks for NenCache")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Put/get throughput and latency against memcpy, Redis and a raw socket round trip.
+    Io(io::IoArgs),
+    /// Hit ratios of the eviction policies on synthetic traces.
+    Policy(policy::PolicyArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Io(a) => io::run(&a),
+        Command::Policy(a) => policy::run(&a),
+    }
+}

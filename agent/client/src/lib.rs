@@ -216,6 +216,19 @@ pub struct Put<'a> {
     pub ttl: Option<Duration>,
 }
 
+/// One slot to reserve (see [`Client::reserve`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Reserve<'a> {
+    /// Key (1 to 256 bytes).
+    pub key: &'a [u8],
+    /// Length of the value that will be written.
+    pub value_len: u64,
+    /// Opaque metadata.
+    pub metadata: &'a [u8],
+    /// Time to live; `None` takes the agent's default.
+    pub ttl: Option<Duration>,
+}
+
 /// What happened to one put.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PutOutcome {
@@ -414,9 +427,14 @@ impl Client {
     /// The agent's refusal (invalid or oversized input, `RESOURCE_EXHAUSTED` when no space
     /// can be made) or a transport error. A refused batch stores nothing.
     pub async fn put_many(&self, puts: &[Put<'_>]) -> Result<Vec<PutOutcome>> {
-        let items: Vec<_> = puts
+        let items: Vec<Reserve<'_>> = puts
             .iter()
-            .map(|p| (p.key, p.value.len() as u64, p.metadata, p.ttl))
+            .map(|p| Reserve {
+                key: p.key,
+                value_len: p.value.len() as u64,
+                metadata: p.metadata,
+                ttl: p.ttl,
+            })
             .collect();
         let slots = self.reserve(&items).await?;
         let mut to_commit = Vec::with_capacity(slots.len());
@@ -442,15 +460,11 @@ impl Client {
             .collect())
     }
 
-    /// Reserves staging slots for `(key, value_len, metadata, ttl)` items; `None` for keys
-    /// already cached.
+    /// Reserves staging slots; `None` for keys already cached.
     ///
     /// # Errors
     /// The agent's refusal or a transport error; then nothing is reserved.
-    pub async fn reserve(
-        &self,
-        items: &[(&[u8], u64, &[u8], Option<Duration>)],
-    ) -> Result<Vec<Option<Slot>>> {
+    pub async fn reserve(&self, items: &[Reserve<'_>]) -> Result<Vec<Option<Slot>>> {
         let r = self
             .grpc
             .clone()
@@ -458,11 +472,11 @@ impl Client {
                 session: self.session,
                 items: items
                     .iter()
-                    .map(|&(key, value_len, metadata, ttl)| v1::PutItem {
-                        key: key.to_vec(),
-                        value_len,
-                        metadata: metadata.to_vec(),
-                        ttl_ms: ttl.map_or(0, |t| t.as_millis().max(1) as u64),
+                    .map(|r| v1::PutItem {
+                        key: r.key.to_vec(),
+                        value_len: r.value_len,
+                        metadata: r.metadata.to_vec(),
+                        ttl_ms: r.ttl.map_or(0, |t| t.as_millis().max(1) as u64),
                         overwrite: false,
                     })
                     .collect(),
@@ -481,7 +495,7 @@ impl Client {
                 |(res, item)| match v1::ReserveStatus::try_from(res.status) {
                     Ok(v1::ReserveStatus::Reserved) => {
                         let offset = res.staging_offset as usize;
-                        let len = item.1 as usize;
+                        let len = item.value_len as usize;
                         if offset
                             .checked_add(len)
                             .is_none_or(|end| end > self.shared.staging.len())

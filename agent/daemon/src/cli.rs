@@ -106,7 +106,7 @@ fn key_bytes(key: &str, hex: bool) -> anyhow::Result<Vec<u8>> {
     if !hex {
         return Ok(key.as_bytes().to_vec());
     }
-    if key.len() % 2 != 0 {
+    if !key.len().is_multiple_of(2) {
         bail!("hex key {key:?} has an odd number of digits");
     }
     (0..key.len())

@@ -92,7 +92,7 @@ impl std::fmt::Display for ByteSize {
         let n = self.0;
         for (unit, shift) in [("GiB", 30), ("MiB", 20), ("KiB", 10)] {
             if n >= 1 << shift {
-                return if n % (1 << shift) == 0 {
+                return if n.is_multiple_of(1 << shift) {
                     write!(f, "{}{unit}", n >> shift)
                 } else {
                     write!(f, "{:.1}{unit}", n as f64 / (1u64 << shift) as f64)

@@ -1,6 +1,9 @@
 //! Black-box tests of the host tier through its public API: the bad-input and fault cases of
 //! the node-local API, and a model check of put/get/delete under eviction.
 
+// Helpers outside #[test] functions fail loudly too.
+#![allow(clippy::unwrap_used)]
+
 use std::{collections::HashMap, time::Duration};
 
 use nencache_engine::{
@@ -459,12 +462,12 @@ proptest! {
                     model.remove(&k);
                 }
                 Op::Hold(k) => {
-                    if let Ok(mut v) = e.get(s, &[&[k]]) {
-                        if let Some(l) = v.pop().unwrap() {
-                            let bytes = e.read_leased(s, &l).unwrap();
-                            prop_assert_eq!(Some(&bytes), model.get(&k));
-                            held.push((l, bytes));
-                        }
+                    if let Ok(mut v) = e.get(s, &[&[k]])
+                        && let Some(l) = v.pop().unwrap()
+                    {
+                        let bytes = e.read_leased(s, &l).unwrap();
+                        prop_assert_eq!(Some(&bytes), model.get(&k));
+                        held.push((l, bytes));
                     }
                 }
                 Op::ReleaseAll => {

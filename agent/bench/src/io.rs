@@ -1,0 +1,594 @@
+//! Throughput and latency of puts, gets and lookups through the real client against a real
+//! agent process, with the references measured in the same run:
+//!
+//! - memcpy: one thread copying the same number of bytes between two buffers;
+//! - Redis: `redis-server` on a Unix socket (started here) doing SET and GET of the same
+//!   values, read into a client-owned buffer;
+//! - raw socket: a 64-byte ping-pong over a Unix socket pair between two threads.
+//!
+//! Gets count bytes copied out of the shared arena into a client-owned buffer, as a
+//! host-to-device copy would consume them. Latency-sensitive cases run twice: unpinned, and
+//! with the agent, Redis and the client pinned to CPU 0 (cross-CPU wakeups cost tens of
+//! microseconds on small VMs).
+
+use std::{
+    io::{Read, Write},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Barrier},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use hdrhistogram::Histogram;
+use nencache_client::{Client, Put};
+
+use crate::resp::Redis;
+
+/// Options of `nencache-bench io`.
+#[derive(Debug, Args)]
+pub struct IoArgs {
+    /// Use an agent already serving this socket instead of starting one.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Client threads (each with its own connection and session).
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 2])]
+    pub threads: Vec<usize>,
+    /// Value sizes in bytes.
+    #[arg(long, value_delimiter = ',', default_values_t = [64usize << 10, 1 << 20, 16 << 20])]
+    pub sizes: Vec<usize>,
+    /// Seconds per measured case.
+    #[arg(long, default_value_t = 2.0)]
+    pub seconds: f64,
+    /// Bytes moved per batched call (values per call = this / value size, at least 1).
+    #[arg(long, default_value_t = 8 << 20)]
+    pub batch_bytes: usize,
+    /// Skip Redis.
+    #[arg(long)]
+    pub no_redis: bool,
+    /// Host arena of the agent started by the bench, in MiB.
+    #[arg(long, default_value_t = 2048)]
+    pub host_mib: u64,
+}
+
+struct Stat {
+    bytes: u64,
+    ops: u64,
+    secs: f64,
+    lat: Histogram<u64>,
+}
+
+impl Stat {
+    fn new() -> Self {
+        Self {
+            bytes: 0,
+            ops: 0,
+            secs: 0.0,
+            lat: Histogram::new(3).expect("histogram"),
+        }
+    }
+
+    fn merge(&mut self, o: &Self) {
+        self.bytes += o.bytes;
+        self.ops += o.ops;
+        self.secs = self.secs.max(o.secs);
+        let _ = self.lat.add(&o.lat);
+    }
+
+    fn gbps(&self) -> f64 {
+        self.bytes as f64 / self.secs.max(1e-9) / 1e9
+    }
+
+    fn us(&self, q: f64) -> f64 {
+        self.lat.value_at_quantile(q) as f64 / 1e3
+    }
+}
+
+/// Runs `f` repeatedly for `secs`, timing each call in nanoseconds.
+fn timed(secs: f64, mut f: impl FnMut() -> anyhow::Result<u64>) -> anyhow::Result<Stat> {
+    let mut s = Stat::new();
+    let start = Instant::now();
+    let limit = Duration::from_secs_f64(secs);
+    while start.elapsed() < limit {
+        let t = Instant::now();
+        s.bytes += f()?;
+        s.lat.record(t.elapsed().as_nanos() as u64)?;
+        s.ops += 1;
+    }
+    s.secs = start.elapsed().as_secs_f64();
+    Ok(s)
+}
+
+fn pin_thread(cpu: usize) {
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(cpu);
+    let _ = rustix::thread::sched_setaffinity(None, &set);
+}
+
+fn unpin_thread() {
+    let mut set = rustix::thread::CpuSet::new();
+    for c in 0..rustix::thread::CpuSet::MAX_CPU.min(256) {
+        set.set(c);
+    }
+    let _ = rustix::thread::sched_setaffinity(None, &set);
+}
+
+/// Sets the affinity of every thread of process `pid` (all CPUs when `cpu` is `None`).
+fn pin_process(pid: u32, cpu: Option<usize>) -> anyhow::Result<()> {
+    let mut set = rustix::thread::CpuSet::new();
+    match cpu {
+        Some(c) => set.set(c),
+        None => (0..std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .for_each(|c| set.set(c)),
+    }
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let tid: i32 = t?.file_name().to_string_lossy().parse()?;
+        if let Some(p) = rustix::process::Pid::from_raw(tid) {
+            let _ = rustix::thread::sched_setaffinity(Some(p), &set);
+        }
+    }
+    Ok(())
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for(path: &Path, child: &mut Child, what: &str) -> anyhow::Result<()> {
+    let t = Instant::now();
+    while UnixStream::connect(path).is_err() {
+        if let Some(s) = child.try_wait()? {
+            bail!("{what} exited early: {s}");
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            bail!("{what} did not start within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn start_agent(dir: &Path, host_mib: u64, max_value: usize) -> anyhow::Result<(Proc, PathBuf)> {
+    let exe = std::env::current_exe()?;
+    let agent = exe.with_file_name("nencache-agent");
+    let socket = dir.join("agent.sock");
+    let staging = (host_mib / 4).max((max_value as u64 * 3) >> 20);
+    let mut child = Command::new(&agent)
+        .args(["serve", "--admin-addr", "off", "--log-level", "warn"])
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--host-capacity", &format!("{host_mib}MiB")])
+        .args(["--staging-size", &format!("{staging}MiB")])
+        .args(["--max-value", &format!("{}", max_value)])
+        .spawn()
+        .with_context(|| format!("starting {} (build it with the bench)", agent.display()))?;
+    wait_for(&socket, &mut child, "nencache-agent")?;
+    Ok((Proc(child), socket))
+}
+
+fn start_redis(dir: &Path) -> anyhow::Result<(Proc, PathBuf)> {
+    let socket = dir.join("redis.sock");
+    let mut child = Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--unixsocketperm",
+            "700",
+        ])
+        .arg("--unixsocket")
+        .arg(&socket)
+        .args(["--proto-max-bulk-len", "1gb", "--maxmemory", "4gb"])
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting redis-server (apt-get install redis-server)")?;
+    wait_for(&socket, &mut child, "redis-server")?;
+    Ok((Proc(child), socket))
+}
+
+fn memcpy_case(size: usize, secs: f64) -> anyhow::Result<Stat> {
+    let src = vec![7u8; size];
+    let mut dst = vec![0u8; size];
+    timed(secs, || {
+        dst.copy_from_slice(std::hint::black_box(&src));
+        std::hint::black_box(&mut dst);
+        Ok(size as u64)
+    })
+}
+
+/// Runs `per_thread` on `threads` OS threads, each with its own runtime, and merges stats.
+fn on_threads<F>(threads: usize, pin: Option<usize>, per_thread: F) -> anyhow::Result<Stat>
+where
+    F: Fn(usize, &Barrier) -> anyhow::Result<Stat> + Send + Sync + 'static,
+{
+    let f = Arc::new(per_thread);
+    let barrier = Arc::new(Barrier::new(threads));
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let f = f.clone();
+            let b = barrier.clone();
+            std::thread::spawn(move || {
+                match pin {
+                    Some(c) => pin_thread(c),
+                    None => unpin_thread(),
+                }
+                f(t, &b)
+            })
+        })
+        .collect();
+    let mut total = Stat::new();
+    for h in handles {
+        let s = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("bench thread panicked"))??;
+        total.merge(&s);
+    }
+    Ok(total)
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn key(t: usize, i: usize) -> Vec<u8> {
+    format!("bench/t{t}/k{i}").into_bytes()
+}
+
+fn nencache_put(
+    socket: &Path,
+    threads: usize,
+    size: usize,
+    batch: usize,
+    secs: f64,
+) -> anyhow::Result<Stat> {
+    let socket = socket.to_path_buf();
+    on_threads(threads, None, move |t, barrier| {
+        let rt = runtime()?;
+        rt.block_on(async {
+            let c = Client::connect(&socket).await?;
+            let value = vec![(t as u8).wrapping_add(1); size];
+            let mut next = 0usize;
+            barrier.wait();
+            let mut s = Stat::new();
+            let start = Instant::now();
+            while start.elapsed().as_secs_f64() < secs {
+                let keys: Vec<Vec<u8>> = (0..batch).map(|i| key(t, next + i + 1_000_000)).collect();
+                next += batch;
+                let puts: Vec<Put<'_>> = keys
+                    .iter()
+                    .map(|k| Put {
+                        key: k,
+                        value: &value,
+                        metadata: b"",
+                        ttl: None,
+                    })
+                    .collect();
+                let t0 = Instant::now();
+                c.put_many(&puts).await?;
+                s.lat.record(t0.elapsed().as_nanos() as u64)?;
+                s.bytes += (batch * size) as u64;
+                s.ops += 1;
+            }
+            s.secs = start.elapsed().as_secs_f64();
+            Ok(s)
+        })
+    })
+}
+
+/// Fills `per_thread` keys per thread, so gets always hit.
+fn nencache_fill(
+    socket: &Path,
+    threads: usize,
+    size: usize,
+    per_thread: usize,
+) -> anyhow::Result<()> {
+    let rt = runtime()?;
+    rt.block_on(async {
+        let c = Client::connect(socket).await?;
+        let value = vec![0xa5u8; size];
+        for t in 0..threads {
+            for i in 0..per_thread {
+                let k = key(t, i);
+                c.put(&k, &value, b"").await?;
+            }
+        }
+        Ok(())
+    })
+}
+
+fn nencache_get(
+    socket: &Path,
+    threads: usize,
+    size: usize,
+    batch: usize,
+    keys_per_thread: usize,
+    secs: f64,
+    pin: Option<usize>,
+) -> anyhow::Result<Stat> {
+    let socket = socket.to_path_buf();
+    on_threads(threads, pin, move |t, barrier| {
+        let rt = runtime()?;
+        rt.block_on(async {
+            let c = Client::connect(&socket).await?;
+            let keys: Vec<Vec<u8>> = (0..keys_per_thread).map(|i| key(t, i)).collect();
+            let mut buf = vec![0u8; size];
+            let mut i = 0;
+            barrier.wait();
+            let mut s = Stat::new();
+            let start = Instant::now();
+            while start.elapsed().as_secs_f64() < secs {
+                let ks: Vec<&[u8]> = (0..batch)
+                    .map(|j| keys[(i + j) % keys.len()].as_slice())
+                    .collect();
+                i += batch;
+                let t0 = Instant::now();
+                for v in c.get(&ks).await? {
+                    let v = v.context(
+                        "a filled key was evicted; lower --batch-bytes or raise --host-mib",
+                    )?;
+                    buf[..v.len()].copy_from_slice(&v);
+                    s.bytes += v.len() as u64;
+                }
+                std::hint::black_box(&mut buf);
+                s.lat.record(t0.elapsed().as_nanos() as u64)?;
+                s.ops += 1;
+            }
+            s.secs = start.elapsed().as_secs_f64();
+            c.flush_releases().await?;
+            Ok(s)
+        })
+    })
+}
+
+fn redis_case(
+    socket: &Path,
+    threads: usize,
+    size: usize,
+    secs: f64,
+    get: bool,
+    pin: Option<usize>,
+) -> anyhow::Result<Stat> {
+    let socket = socket.to_path_buf();
+    on_threads(threads, pin, move |t, barrier| {
+        let mut r = Redis::connect(&socket)?;
+        let value = vec![0x5au8; size];
+        let mut buf = vec![0u8; size];
+        let keys: Vec<Vec<u8>> = (0..8).map(|i| key(t, i)).collect();
+        for k in &keys {
+            r.set(k, &value)?;
+        }
+        barrier.wait();
+        let mut i = 0;
+        timed(secs, || {
+            i += 1;
+            let k = &keys[i % keys.len()];
+            if get {
+                r.get_into(k, &mut buf)?.context("redis lost a key")?;
+            } else {
+                r.set(k, &value)?;
+            }
+            Ok(size as u64)
+        })
+    })
+}
+
+fn uds_round_trip(secs: f64, pin: Option<usize>) -> anyhow::Result<Stat> {
+    let (mut a, mut b) = UnixStream::pair()?;
+    let echo = std::thread::spawn(move || {
+        if let Some(c) = pin {
+            pin_thread(c);
+        }
+        let mut m = [0u8; 64];
+        while b.read_exact(&mut m).is_ok() {
+            if b.write_all(&m).is_err() {
+                break;
+            }
+        }
+    });
+    match pin {
+        Some(c) => pin_thread(c),
+        None => unpin_thread(),
+    }
+    let mut m = [1u8; 64];
+    let s = timed(secs, || {
+        a.write_all(&m)?;
+        a.read_exact(&mut m)?;
+        Ok(64)
+    })?;
+    drop(a);
+    let _ = echo.join();
+    unpin_thread();
+    Ok(s)
+}
+
+fn lookup_case(socket: &Path, secs: f64, pin: Option<usize>) -> anyhow::Result<Stat> {
+    let socket = socket.to_path_buf();
+    on_threads(1, pin, move |_, _| {
+        let rt = runtime()?;
+        rt.block_on(async {
+            let c = Client::connect(&socket).await?;
+            let ck = nencache_client::ChunkKeys::new("bench", 256);
+            let tokens: Vec<u32> = (0..64 * 256).collect();
+            let keys = ck.keys(&tokens);
+            let refs: Vec<&[u8]> = keys.iter().map(|k| &k[..]).collect();
+            c.put(refs[0], b"x", b"").await?;
+            let mut s = Stat::new();
+            let start = Instant::now();
+            while start.elapsed().as_secs_f64() < secs {
+                let t0 = Instant::now();
+                std::hint::black_box(c.lookup(&refs).await?);
+                s.lat.record(t0.elapsed().as_nanos() as u64)?;
+                s.ops += 1;
+            }
+            s.secs = start.elapsed().as_secs_f64();
+            Ok(s)
+        })
+    })
+}
+
+fn human(size: usize) -> String {
+    if size >= 1 << 20 {
+        format!("{} MiB", size >> 20)
+    } else {
+        format!("{} KiB", size >> 10)
+    }
+}
+
+/// Runs every case and prints Markdown tables.
+pub fn run(a: &IoArgs) -> anyhow::Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("nencache-bench-")
+        .tempdir()?;
+    let max_size = a.sizes.iter().copied().max().unwrap_or(1 << 20);
+    let (agent, socket) = match &a.socket {
+        Some(s) => (None, s.clone()),
+        None => {
+            let (p, s) = start_agent(dir.path(), a.host_mib, max_size)?;
+            (Some(p), s)
+        }
+    };
+    let redis = if a.no_redis {
+        None
+    } else {
+        Some(start_redis(dir.path())?)
+    };
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("# nencache-bench io\n");
+    println!(
+        "{cpus} CPUs; {:.1} s per case; batched calls move about {} per call\n",
+        a.seconds,
+        human(a.batch_bytes)
+    );
+    println!(
+        "## Throughput (GB/s; ratios against the same run's single-thread memcpy and Redis)\n"
+    );
+    println!(
+        "| value | threads | memcpy | put | put/memcpy | get | get/memcpy | redis SET | redis GET | get/redis GET | get p50 µs | get p99 µs | redis GET p50 µs |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for &size in &a.sizes {
+        let batch = (a.batch_bytes / size).max(1);
+        let memcpy = memcpy_case(size, a.seconds)?;
+        for &threads in &a.threads {
+            let put = nencache_put(&socket, threads, size, batch, a.seconds)?;
+            // Enough distinct keys per thread for a few batches, within a third of the arena.
+            let budget = (a.host_mib as usize) << 20;
+            let per_thread = (batch * 2).min(budget / 3 / size / threads).max(1);
+            nencache_fill(&socket, threads, size, per_thread)?;
+            let get = nencache_get(
+                &socket,
+                threads,
+                size,
+                batch.min(per_thread),
+                per_thread,
+                a.seconds,
+                None,
+            )?;
+            let (rset, rget) = match &redis {
+                Some((_, rs)) => (
+                    Some(redis_case(rs, threads, size, a.seconds, false, None)?),
+                    Some(redis_case(rs, threads, size, a.seconds, true, None)?),
+                ),
+                None => (None, None),
+            };
+            let opt = |s: &Option<Stat>| {
+                s.as_ref()
+                    .map_or("-".into(), |s| format!("{:.2}", s.gbps()))
+            };
+            println!(
+                "| {} | {threads} | {:.2} | {:.2} | {:.2}x | {:.2} | {:.2}x | {} | {} | {} | {:.0} | {:.0} | {} |",
+                human(size),
+                memcpy.gbps(),
+                put.gbps(),
+                put.gbps() / memcpy.gbps(),
+                get.gbps(),
+                get.gbps() / memcpy.gbps(),
+                opt(&rset),
+                opt(&rget),
+                rget.as_ref()
+                    .map_or("-".into(), |r| format!("{:.1}x", get.gbps() / r.gbps())),
+                get.us(0.5) / batch.min(per_thread) as f64,
+                get.us(0.99) / batch.min(per_thread) as f64,
+                rget.as_ref()
+                    .map_or("-".into(), |r| format!("{:.0}", r.us(0.5))),
+            );
+        }
+    }
+    println!(
+        "\nget latency columns are per value (one batched call's time divided by its values).\n"
+    );
+    println!("## Latency, unpinned and with every process on CPU 0 (µs)\n");
+    println!("| case | unpinned p50 | unpinned p99 | pinned p50 | pinned p99 |");
+    println!("|---|---|---|---|---|");
+    let mut rows: Vec<(String, Stat, Stat)> = Vec::new();
+    for pinned in [false, true] {
+        let pin = pinned.then_some(0);
+        if let Some(a) = &agent {
+            pin_process(a.0.id(), pin)?;
+        }
+        if let Some((r, _)) = &redis {
+            pin_process(r.0.id(), pin)?;
+        }
+        let uds = uds_round_trip(a.seconds, pin)?;
+        let look = lookup_case(&socket, a.seconds, pin)?;
+        nencache_fill(&socket, 1, 64 << 10, 1)?;
+        let get1 = nencache_get(&socket, 1, 64 << 10, 1, 1, a.seconds, pin)?;
+        let rget = match &redis {
+            Some((_, rs)) => Some(redis_case(rs, 1, 64 << 10, a.seconds, true, pin)?),
+            None => None,
+        };
+        let mut cases = vec![
+            ("raw Unix-socket round trip (64 B)".to_string(), uds),
+            ("nencache lookup, 64 keys".to_string(), look),
+            (
+                "nencache get, one 64 KiB value, copied out".to_string(),
+                get1,
+            ),
+        ];
+        if let Some(r) = rget {
+            cases.push(("redis GET, one 64 KiB value".to_string(), r));
+        }
+        for (i, (name, s)) in cases.into_iter().enumerate() {
+            if pinned {
+                rows[i].2 = s;
+            } else {
+                rows.push((name, s, Stat::new()));
+            }
+        }
+    }
+    for (name, u, p) in &rows {
+        println!(
+            "| {name} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            u.us(0.5),
+            u.us(0.99),
+            p.us(0.5),
+            p.us(0.99)
+        );
+    }
+    let ratio = |i: usize, q: f64, pinned: bool| {
+        let (a, b) = if pinned {
+            (&rows[i].2, &rows[0].2)
+        } else {
+            (&rows[i].1, &rows[0].1)
+        };
+        a.us(q) / b.us(q)
+    };
+    println!(
+        "\nlookup of 64 keys vs raw round trip (p50): {:.1}x unpinned, {:.1}x pinned",
+        ratio(1, 0.5, false),
+        ratio(1, 0.5, true)
+    );
+    Ok(())
+}

@@ -1,0 +1,648 @@
+//! End-to-end tests: the real `nencache-agent` binary on a temporary socket, driven by the
+//! real client from several tasks and from separate processes, through every bad-input and
+//! fault case of the node-local API.
+
+// Helpers outside #[test] functions fail loudly too.
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::TcpStream,
+    os::{fd::AsFd, unix::fs::PermissionsExt},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use nencache_api::{
+    PROTOCOL_VERSION,
+    attach::{self, Hello, Reply},
+    v1,
+};
+use nencache_client::{Client, ClientError, Put, PutOutcome, Reserve};
+use tonic::Code;
+
+const AGENT: &str = env!("CARGO_BIN_EXE_nencache-agent");
+const CLI: &str = env!("CARGO_BIN_EXE_nencache");
+
+struct TestAgent {
+    child: Child,
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+}
+
+impl TestAgent {
+    fn start(extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("run/agent.sock");
+        Self::start_at(dir, socket, extra)
+    }
+
+    fn start_at(dir: tempfile::TempDir, socket: PathBuf, extra: &[&str]) -> Self {
+        let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
+        let mut args = vec![
+            "serve",
+            "--socket",
+            socket.to_str().unwrap(),
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ];
+        if !extra.contains(&"--host-capacity") {
+            args.extend_from_slice(&["--host-capacity", "64MiB"]);
+        }
+        args.extend_from_slice(extra);
+        let child = Command::new(AGENT).args(&args).stderr(log).spawn().unwrap();
+        let mut a = Self { child, dir, socket };
+        a.wait_ready();
+        a
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    fn wait_ready(&mut self) {
+        let t = Instant::now();
+        while !self.log().contains("nencache agent serving") {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("agent exited with {status}: {}", self.log());
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "agent not ready: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn admin_addr(&self) -> String {
+        let log = self.log();
+        let line = log
+            .lines()
+            .find(|l| l.contains("admin endpoint listening"))
+            .unwrap();
+        let start = line.find("\"addr\":\"").unwrap() + 8;
+        line[start..].split('"').next().unwrap().to_string()
+    }
+
+    async fn client(&self) -> Client {
+        Client::connect(&self.socket).await.unwrap()
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        rustix::process::kill_process(
+            rustix::process::Pid::from_child(&self.child),
+            rustix::process::Signal::TERM,
+        )
+        .unwrap();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
+    let t = Instant::now();
+    while !f().await {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+fn code(r: Result<impl std::fmt::Debug, ClientError>) -> Code {
+    r.unwrap_err().code().expect("a status from the agent")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn put_get_from_many_tasks() {
+    let agent = TestAgent::start(&[]);
+    let client = agent.client().await;
+    let mut tasks = Vec::new();
+    for t in 0..8u64 {
+        let c = client.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..20u64 {
+                let key = format!("task{t}/key{i}");
+                let v = pattern(t * 1000 + i, 1000 + (i as usize) * 7919);
+                assert_eq!(
+                    c.put(key.as_bytes(), &v, b"meta").await.unwrap(),
+                    PutOutcome::Stored
+                );
+            }
+            for i in 0..20u64 {
+                let key = format!("task{t}/key{i}");
+                let got = c
+                    .get(&[key.as_bytes()])
+                    .await
+                    .unwrap()
+                    .pop()
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(
+                    &got[..],
+                    &pattern(t * 1000 + i, 1000 + (i as usize) * 7919)[..]
+                );
+                assert_eq!(got.metadata(), b"meta");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let keys: Vec<Vec<u8>> = (0..8)
+        .map(|t| format!("task{t}/key0").into_bytes())
+        .collect();
+    let refs: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+    assert_eq!(client.lookup(&refs).await.unwrap().0, 8);
+    client.flush_releases().await.unwrap();
+    let s = client.stats().await.unwrap();
+    assert_eq!((s.hits, s.commits, s.leases), (160, 160, 0));
+    // A second put of the same key is reported, not rewritten.
+    let r = client.put(b"task0/key0", b"other", b"").await.unwrap();
+    assert_eq!(r, PutOutcome::Exists);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn separate_processes_share_the_cache() {
+    let agent = TestAgent::start(&[]);
+    let sock = agent.socket.to_str().unwrap();
+    let dir = agent.dir.path();
+    let input = dir.join("in.bin");
+    std::fs::write(&input, pattern(7, 300_000)).unwrap();
+    let put = Command::new(CLI)
+        .args([
+            "--socket",
+            sock,
+            "put",
+            "shared-key",
+            "--file",
+            input.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        put.status.success(),
+        "{}",
+        String::from_utf8_lossy(&put.stderr)
+    );
+    let out = dir.join("out.bin");
+    let get = Command::new(CLI)
+        .args([
+            "--socket",
+            sock,
+            "get",
+            "shared-key",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        get.status.success(),
+        "{}",
+        String::from_utf8_lossy(&get.stderr)
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), pattern(7, 300_000));
+    let miss = Command::new(CLI)
+        .args(["--socket", sock, "get", "nope"])
+        .output()
+        .unwrap();
+    assert_eq!(miss.status.code(), Some(1));
+    // And this process sees what the others wrote.
+    let c = agent.client().await;
+    assert_eq!(
+        &c.get(&[b"shared-key"]).await.unwrap()[0].as_ref().unwrap()[..10],
+        &pattern(7, 10)[..]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_inputs_get_clear_errors_and_lose_nothing() {
+    let agent = TestAgent::start(&["--max-value", "1MiB"]);
+    let c = agent.client().await;
+    c.put(b"precious", &pattern(1, 5000), b"").await.unwrap();
+    let long = vec![b'k'; 257];
+    assert_eq!(code(c.put(&long, b"v", b"").await), Code::InvalidArgument);
+    assert_eq!(code(c.get(&[&long]).await), Code::InvalidArgument);
+    let big = vec![0u8; (1 << 20) + 1];
+    let err = c.put(b"big", &big, b"").await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::InvalidArgument));
+    assert!(err.to_string().contains("exceeds the maximum"), "{err}");
+    // Commit without reserve, and double commit.
+    let grpc = raw_grpc(&agent.socket).await;
+    let commit = |id| v1::CommitRequest {
+        session: c.session(),
+        items: vec![v1::CommitItem {
+            reservation_id: id,
+            checksum: None,
+        }],
+    };
+    let e = grpc.clone().commit(commit(0x1234)).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let slots = c
+        .reserve(&[Reserve {
+            key: b"two-phase",
+            value_len: 10,
+            metadata: b"",
+            ttl: None,
+        }])
+        .await
+        .unwrap();
+    let slot = slots.into_iter().next().unwrap().unwrap();
+    c.write_slot(&slot, 0, b"0123456789").unwrap();
+    assert!(
+        c.write_slot(&slot, 5, b"0123456789").is_err(),
+        "writes stay inside the slot"
+    );
+    let id = slot.id();
+    assert_eq!(c.commit(&[slot]).await.unwrap(), vec![PutOutcome::Stored]);
+    assert_eq!(
+        grpc.clone().commit(commit(id)).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    // Release of an unknown lease.
+    let e = grpc
+        .clone()
+        .release(v1::ReleaseRequest {
+            session: c.session(),
+            lease_ids: vec![42],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    // Calls naming no session.
+    let e = grpc
+        .clone()
+        .get(v1::GetRequest {
+            session: 7,
+            keys: vec![b"x".to_vec()],
+        })
+        .await;
+    assert_eq!(e.unwrap_err().code(), Code::FailedPrecondition);
+    let v = c.get(&[b"precious", b"two-phase"]).await.unwrap();
+    assert_eq!(&v[0].as_ref().unwrap()[..], &pattern(1, 5000)[..]);
+    assert_eq!(&v[1].as_ref().unwrap()[..], b"0123456789");
+}
+
+async fn raw_grpc(
+    socket: &Path,
+) -> v1::node_cache_client::NodeCacheClient<tonic::transport::Channel> {
+    v1::node_cache_client::NodeCacheClient::new(raw_channel(socket).await)
+}
+
+async fn raw_channel(socket: &Path) -> tonic::transport::Channel {
+    let path = socket.to_path_buf();
+    tonic::transport::Endpoint::from_static("http://[::1]:1")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let p = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(p).await?,
+                ))
+            }
+        }))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_requests_are_refused_and_the_agent_keeps_serving() {
+    let agent = TestAgent::start(&[]);
+    let c = agent.client().await;
+    c.put(b"k", b"value", b"").await.unwrap();
+    // Not HTTP/2 at all.
+    let mut raw = std::os::unix::net::UnixStream::connect(&agent.socket).unwrap();
+    raw.write_all(b"GET / HTTP/1.0\r\n\r\n\x00\xff garbage")
+        .unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = raw.read(&mut [0u8; 256]);
+    drop(raw);
+    // A well-formed gRPC frame holding a message of the wrong type (bytes where a uint64
+    // session belongs).
+    let mut g = tonic::client::Grpc::new(raw_channel(&agent.socket).await);
+    let req = v1::LookupRequest {
+        keys: vec![vec![1; 300]],
+    };
+    g.ready().await.unwrap();
+    let r: Result<tonic::Response<v1::StatsResponse>, _> = g
+        .unary(
+            tonic::Request::new(req),
+            "/nencache.v1.NodeCache/Release".parse().unwrap(),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await;
+    let code = r.unwrap_err().code();
+    assert!(
+        matches!(code, Code::Internal | Code::InvalidArgument),
+        "{code:?}"
+    );
+    // A garbage attach hello.
+    let mut a = std::os::unix::net::UnixStream::connect(agent.socket.with_extension("sock.attach"))
+        .unwrap();
+    a.write_all(b"NOTMAGIC\x01\x00\x00\x00\x00\x00").unwrap();
+    let mut buf = vec![0u8; 512];
+    let n = a.read(&mut buf).unwrap();
+    let reply = Reply::decode(&buf[..n]).unwrap();
+    assert_eq!(reply.status, attach::status::MALFORMED);
+    // Everything still works.
+    let v = c.get(&[b"k"]).await.unwrap();
+    assert_eq!(&v[0].as_ref().unwrap()[..], b"value");
+    assert!(agent.client().await.stats().await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_arena_is_read_only_to_clients() {
+    let agent = TestAgent::start(&[]);
+    let mut s = std::os::unix::net::UnixStream::connect(agent.socket.with_extension("sock.attach"))
+        .unwrap();
+    s.write_all(
+        &Hello {
+            version: PROTOCOL_VERSION,
+            tenant: String::new(),
+        }
+        .encode(),
+    )
+    .unwrap();
+    let mut buf = vec![0u8; 512];
+    let mut fds = Vec::new();
+    let n = attach::recv_with_fds(s.as_fd(), &mut buf, &mut fds).unwrap();
+    let reply = Reply::decode(&buf[..n]).unwrap();
+    assert_eq!(reply.status, attach::status::OK);
+    assert_eq!(fds.len(), 2);
+    let arena = std::fs::File::from(fds.remove(0));
+    let staging = std::fs::File::from(fds.remove(0));
+    // SAFETY: expected to fail; nothing is accessed.
+    let w = unsafe { memmap2::MmapOptions::new().len(4096).map_mut(&arena) };
+    assert!(
+        w.is_err(),
+        "a client must not be able to map committed data writable"
+    );
+    // SAFETY: read-only mapping of shared memory that outlives it.
+    let ro = unsafe { memmap2::MmapOptions::new().len(4096).map(&arena) }.unwrap();
+    assert!(ro.make_mut().is_err(), "nor upgrade a read-only mapping");
+    // SAFETY: the staging area is meant to be written by clients.
+    let st = unsafe { memmap2::MmapOptions::new().len(4096).map_mut(&staging) };
+    assert!(st.is_ok(), "the staging area is writable");
+    // Socket files are group-accessible, not world-accessible.
+    let mode = std::fs::metadata(&agent.socket)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o660);
+}
+
+/// Runs inside a child process spawned by the tests below; a no-op otherwise.
+#[tokio::test(flavor = "multi_thread")]
+async fn child_helper() {
+    let Ok(mode) = std::env::var("NENCACHE_TEST_CHILD") else {
+        return;
+    };
+    let socket = std::env::var("NENCACHE_TEST_SOCKET").unwrap();
+    let c = Client::connect(&socket).await.unwrap();
+    let mut held = Vec::new();
+    match mode.as_str() {
+        "reserve" => {
+            let slots = c
+                .reserve(&[Reserve {
+                    key: b"doomed",
+                    value_len: 4 << 20,
+                    metadata: b"",
+                    ttl: None,
+                }])
+                .await
+                .unwrap();
+            c.write_slot(slots[0].as_ref().unwrap(), 0, &[1; 1000])
+                .unwrap();
+        }
+        "lease" => held = c.get(&[b"popular", b"popular"]).await.unwrap(),
+        _ => unreachable!(),
+    }
+    println!("READY");
+    std::io::stdout().flush().unwrap();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    drop(held);
+}
+
+fn spawn_child(mode: &str, socket: &Path) -> Child {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["child_helper", "--exact", "--nocapture", "--test-threads=1"])
+        .env("NENCACHE_TEST_CHILD", mode)
+        .env("NENCACHE_TEST_SOCKET", socket)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert!(
+        lines.any(|l| l.unwrap().contains("READY")),
+        "child never got ready"
+    );
+    child
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_killed_mid_put_or_holding_leases_is_cleaned_up() {
+    let agent = TestAgent::start(&[]);
+    let c = agent.client().await;
+    c.put(b"popular", &pattern(3, 70_000), b"").await.unwrap();
+
+    let mut child = spawn_child("reserve", &agent.socket);
+    let s = c.stats().await.unwrap();
+    assert_eq!(s.reservations, 1);
+    assert!(s.staging_used_bytes >= 4 << 20);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    eventually("reservation reclaimed", async || {
+        let s = c.stats().await.unwrap();
+        s.reservations == 0 && s.staging_used_bytes == 0
+    })
+    .await;
+
+    let mut child = spawn_child("lease", &agent.socket);
+    assert_eq!(c.stats().await.unwrap().leases, 2);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    eventually("leases released", async || {
+        c.stats().await.unwrap().leases == 0
+    })
+    .await;
+    let s = c.stats().await.unwrap();
+    assert_eq!((s.reclaimed_leases, s.reclaimed_reservations), (2, 1));
+    let v = c.get(&[b"popular"]).await.unwrap();
+    assert_eq!(&v[0].as_ref().unwrap()[..], &pattern(3, 70_000)[..]);
+    assert!(agent.log().contains("session closed"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stalled_reservations_time_out() {
+    let agent = TestAgent::start(&["--reservation-timeout", "200ms"]);
+    let c = agent.client().await;
+    let slots = c
+        .reserve(&[Reserve {
+            key: b"slow",
+            value_len: 1 << 20,
+            metadata: b"",
+            ttl: None,
+        }])
+        .await
+        .unwrap();
+    assert_eq!(c.stats().await.unwrap().reservations, 1);
+    eventually("reservation timed out", async || {
+        c.stats().await.unwrap().reservations == 0
+    })
+    .await;
+    let slot = slots.into_iter().next().unwrap().unwrap();
+    assert_eq!(code(c.commit(&[slot]).await), Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_arena_evicts_then_reports_resource_exhausted() {
+    let agent = TestAgent::start(&["--host-capacity", "8MiB", "--max-value", "1MiB"]);
+    let c = agent.client().await;
+    let value = |i: u64| pattern(i, 1 << 20);
+    // Twice the arena: older entries are evicted to make room.
+    for i in 0..16u64 {
+        let key = format!("v{i}");
+        c.put(key.as_bytes(), &value(i), b"").await.unwrap();
+    }
+    let s = c.stats().await.unwrap();
+    assert!(s.tiers[0].evictions >= 8, "{s:?}");
+    // Hold a lease on everything that is cached: nothing can be evicted any more.
+    let keys: Vec<Vec<u8>> = (0..16u64).map(|i| format!("v{i}").into_bytes()).collect();
+    let refs: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+    let held = c.get(&refs).await.unwrap();
+    let cached = held.iter().filter(|v| v.is_some()).count();
+    assert!(cached >= 6, "{cached} cached");
+    let err = c.put(b"one-more", &value(99), b"").await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::ResourceExhausted), "{err}");
+    for (i, v) in held.iter().enumerate() {
+        if let Some(v) = v {
+            assert_eq!(&v[..], &value(i as u64)[..], "leased value {i} intact");
+        }
+    }
+    drop(held);
+    c.flush_releases().await.unwrap();
+    assert_eq!(
+        c.put(b"one-more", &value(99), b"").await.unwrap(),
+        PutOutcome::Stored
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn checksummed_puts_are_verified() {
+    let agent = TestAgent::start(&[]);
+    let opts = nencache_client::ClientOptions {
+        verify_puts: true,
+        ..Default::default()
+    };
+    let c = Client::connect_with(&agent.socket, opts).await.unwrap();
+    let puts: Vec<(Vec<u8>, Vec<u8>)> = (0..4u64)
+        .map(|i| (format!("c{i}").into_bytes(), pattern(i, 200_000)))
+        .collect();
+    let batch: Vec<Put<'_>> = puts
+        .iter()
+        .map(|(k, v)| Put {
+            key: k,
+            value: v,
+            metadata: b"",
+            ttl: None,
+        })
+        .collect();
+    assert_eq!(
+        c.put_many(&batch).await.unwrap(),
+        vec![PutOutcome::Stored; 4]
+    );
+    assert_eq!(c.stats().await.unwrap().checksum_failures, 0);
+}
+
+#[test]
+fn a_second_agent_on_the_same_socket_is_refused() {
+    let first = TestAgent::start(&[]);
+    let out = Command::new(AGENT)
+        .args([
+            "serve",
+            "--socket",
+            first.socket.to_str().unwrap(),
+            "--admin-addr",
+            "off",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already serving"), "{err}");
+    assert!(
+        first.socket.exists(),
+        "the first agent's socket is untouched"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stale_socket_is_replaced_and_sigterm_cleans_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    std::fs::write(&socket, b"left by a crashed agent").unwrap();
+    let mut agent = TestAgent::start_at(dir, socket.clone(), &[]);
+    let c = agent.client().await;
+    c.put(b"k", b"v", b"").await.unwrap();
+    let status = agent.terminate();
+    assert!(status.success(), "{status}");
+    assert!(!socket.exists(), "socket removed at shutdown");
+    assert!(agent.log().contains("agent stopped"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_endpoint_serves_health_and_metrics() {
+    let agent = TestAgent::start(&[]);
+    let c = agent.client().await;
+    c.put(b"m", b"v", b"").await.unwrap();
+    let _ = c.get(&[b"m", b"missing"]).await.unwrap();
+    let addr = agent.admin_addr();
+    let http = |path: &str| {
+        let mut s = TcpStream::connect(&addr).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    assert!(http("/healthz").starts_with("HTTP/1.1 200"));
+    assert!(http("/readyz").starts_with("HTTP/1.1 200"));
+    let m = http("/metrics");
+    for needle in [
+        "nencache_agent_hits_total{tier=\"host\"} 1",
+        "nencache_agent_misses_total 1",
+        "nencache_agent_rpc_duration_seconds_bucket{le=",
+        "method=\"get\"",
+        "nencache_agent_tier_used_bytes{tier=\"host\"} 4096",
+        "nencache_agent_leases",
+    ] {
+        assert!(m.contains(needle), "metrics lack {needle}:\n{m}");
+    }
+}
