@@ -196,11 +196,18 @@ fn start_redis(dir: &Path) -> anyhow::Result<(Proc, PathBuf)> {
     Ok((Proc(child), socket))
 }
 
-fn memcpy_case(size: usize, secs: f64) -> anyhow::Result<Stat> {
-    let src = vec![7u8; size];
+/// Copies values of `size` bytes from a rotating pool of `pool_bytes` into one destination,
+/// as the get cases read rotating keys into one client buffer (so neither runs from cache
+/// when the other would not).
+fn memcpy_case(size: usize, pool_bytes: usize, secs: f64) -> anyhow::Result<Stat> {
+    let pool: Vec<Vec<u8>> = (0..(pool_bytes / size).max(1))
+        .map(|i| vec![i as u8; size])
+        .collect();
     let mut dst = vec![0u8; size];
+    let mut i = 0;
     timed(secs, || {
-        dst.copy_from_slice(std::hint::black_box(&src));
+        i = (i + 1) % pool.len();
+        dst.copy_from_slice(std::hint::black_box(&pool[i]));
         std::hint::black_box(&mut dst);
         Ok(size as u64)
     })
@@ -242,8 +249,9 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-fn key(t: usize, i: usize) -> Vec<u8> {
-    format!("bench/t{t}/k{i}").into_bytes()
+/// A key unique to one case (`ns`), thread and index, so no case finds another's values.
+fn key(ns: &str, t: usize, i: usize) -> Vec<u8> {
+    format!("bench/{ns}/t{t}/k{i}").into_bytes()
 }
 
 fn nencache_put(
@@ -253,6 +261,7 @@ fn nencache_put(
     batch: usize,
     secs: f64,
 ) -> anyhow::Result<Stat> {
+    let ns = format!("put-{size}-{threads}");
     let socket = socket.to_path_buf();
     on_threads(threads, None, move |t, barrier| {
         let rt = runtime()?;
@@ -264,7 +273,7 @@ fn nencache_put(
             let mut s = Stat::new();
             let start = Instant::now();
             while start.elapsed().as_secs_f64() < secs {
-                let keys: Vec<Vec<u8>> = (0..batch).map(|i| key(t, next + i + 1_000_000)).collect();
+                let keys: Vec<Vec<u8>> = (0..batch).map(|i| key(&ns, t, next + i)).collect();
                 next += batch;
                 let puts: Vec<Put<'_>> = keys
                     .iter()
@@ -290,6 +299,7 @@ fn nencache_put(
 /// Fills `per_thread` keys per thread, so gets always hit.
 fn nencache_fill(
     socket: &Path,
+    ns: &str,
     threads: usize,
     size: usize,
     per_thread: usize,
@@ -300,7 +310,7 @@ fn nencache_fill(
         let value = vec![0xa5u8; size];
         for t in 0..threads {
             for i in 0..per_thread {
-                let k = key(t, i);
+                let k = key(ns, t, i);
                 c.put(&k, &value, b"").await?;
             }
         }
@@ -308,8 +318,10 @@ fn nencache_fill(
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn nencache_get(
     socket: &Path,
+    ns: &str,
     threads: usize,
     size: usize,
     batch: usize,
@@ -318,11 +330,12 @@ fn nencache_get(
     pin: Option<usize>,
 ) -> anyhow::Result<Stat> {
     let socket = socket.to_path_buf();
+    let ns = ns.to_string();
     on_threads(threads, pin, move |t, barrier| {
         let rt = runtime()?;
         rt.block_on(async {
             let c = Client::connect(&socket).await?;
-            let keys: Vec<Vec<u8>> = (0..keys_per_thread).map(|i| key(t, i)).collect();
+            let keys: Vec<Vec<u8>> = (0..keys_per_thread).map(|i| key(&ns, t, i)).collect();
             let mut buf = vec![0u8; size];
             let mut i = 0;
             barrier.wait();
@@ -365,7 +378,7 @@ fn redis_case(
         let mut r = Redis::connect(&socket)?;
         let value = vec![0x5au8; size];
         let mut buf = vec![0u8; size];
-        let keys: Vec<Vec<u8>> = (0..8).map(|i| key(t, i)).collect();
+        let keys: Vec<Vec<u8>> = (0..8).map(|i| key("redis", t, i)).collect();
         for k in &keys {
             r.set(k, &value)?;
         }
@@ -411,6 +424,26 @@ fn uds_round_trip(secs: f64, pin: Option<usize>) -> anyhow::Result<Stat> {
     let _ = echo.join();
     unpin_thread();
     Ok(s)
+}
+
+fn stats_case(socket: &Path, secs: f64, pin: Option<usize>) -> anyhow::Result<Stat> {
+    let socket = socket.to_path_buf();
+    on_threads(1, pin, move |_, _| {
+        let rt = runtime()?;
+        rt.block_on(async {
+            let c = Client::connect(&socket).await?;
+            let mut s = Stat::new();
+            let start = Instant::now();
+            while start.elapsed().as_secs_f64() < secs {
+                let t0 = Instant::now();
+                std::hint::black_box(c.stats().await?);
+                s.lat.record(t0.elapsed().as_nanos() as u64)?;
+                s.ops += 1;
+            }
+            s.secs = start.elapsed().as_secs_f64();
+            Ok(s)
+        })
+    })
 }
 
 fn lookup_case(socket: &Path, secs: f64, pin: Option<usize>) -> anyhow::Result<Stat> {
@@ -480,15 +513,17 @@ pub fn run(a: &IoArgs) -> anyhow::Result<()> {
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for &size in &a.sizes {
         let batch = (a.batch_bytes / size).max(1);
-        let memcpy = memcpy_case(size, a.seconds)?;
         for &threads in &a.threads {
             let put = nencache_put(&socket, threads, size, batch, a.seconds)?;
             // Enough distinct keys per thread for a few batches, within a third of the arena.
             let budget = (a.host_mib as usize) << 20;
             let per_thread = (batch * 2).min(budget / 3 / size / threads).max(1);
-            nencache_fill(&socket, threads, size, per_thread)?;
+            let ns = format!("get-{size}-{threads}");
+            nencache_fill(&socket, &ns, threads, size, per_thread)?;
+            let memcpy = memcpy_case(size, per_thread * size, a.seconds)?;
             let get = nencache_get(
                 &socket,
+                &ns,
                 threads,
                 size,
                 batch.min(per_thread),
@@ -543,8 +578,9 @@ pub fn run(a: &IoArgs) -> anyhow::Result<()> {
         }
         let uds = uds_round_trip(a.seconds, pin)?;
         let look = lookup_case(&socket, a.seconds, pin)?;
-        nencache_fill(&socket, 1, 64 << 10, 1)?;
-        let get1 = nencache_get(&socket, 1, 64 << 10, 1, 1, a.seconds, pin)?;
+        let empty = stats_case(&socket, a.seconds, pin)?;
+        nencache_fill(&socket, "latency", 1, 64 << 10, 1)?;
+        let get1 = nencache_get(&socket, "latency", 1, 64 << 10, 1, 1, a.seconds, pin)?;
         let rget = match &redis {
             Some((_, rs)) => Some(redis_case(rs, 1, 64 << 10, a.seconds, true, pin)?),
             None => None,
@@ -552,6 +588,7 @@ pub fn run(a: &IoArgs) -> anyhow::Result<()> {
         let mut cases = vec![
             ("raw Unix-socket round trip (64 B)".to_string(), uds),
             ("nencache lookup, 64 keys".to_string(), look),
+            ("nencache stats (smallest gRPC call)".to_string(), empty),
             (
                 "nencache get, one 64 KiB value, copied out".to_string(),
                 get1,

@@ -2,6 +2,8 @@
 //! the real engine (a small arena, one page per chunk) under S3-FIFO and under LRU, and
 //! prints the hit ratio of each at several cache sizes.
 
+use std::collections::HashSet;
+
 use clap::Args;
 use nencache_engine::{
     Engine, EngineConfig, EvictionPolicy, PutItem,
@@ -20,6 +22,9 @@ pub struct PolicyArgs {
     /// Distinct keys in the Zipf trace.
     #[arg(long, default_value_t = 100_000)]
     pub keys: usize,
+    /// S3-FIFO small-queue shares to compare, in percent of the cache.
+    #[arg(long, value_delimiter = ',', default_values_t = [10u8, 20, 30])]
+    pub small_percent: Vec<u8>,
 }
 
 const PAGE: u64 = 4096;
@@ -28,6 +33,7 @@ const PAGE: u64 = 4096;
 /// look up, get the cached prefix, put the rest) and returns the hit ratio in keys.
 fn replay<'a>(
     policy: EvictionPolicy,
+    small: u8,
     pages: u64,
     trace: impl Iterator<Item = Vec<&'a [u8]>>,
 ) -> f64 {
@@ -37,6 +43,7 @@ fn replay<'a>(
         staging: 64 * PAGE,
         max_value: PAGE,
         policy,
+        small_queue_percent: small,
         ..EngineConfig::default()
     })
     .expect("engine");
@@ -67,51 +74,71 @@ fn replay<'a>(
 
 /// Runs the comparison and prints a table.
 pub fn run(a: &PolicyArgs) -> anyhow::Result<()> {
-    let zipf = zipf_trace(a.keys, a.alpha, a.requests, 42);
-    println!("| trace | cache size | S3-FIFO hit ratio | LRU hit ratio | S3-FIFO / LRU |");
-    println!("|---|---|---|---|---|");
-    for pct in [1u64, 5, 10] {
-        let pages = (a.keys as u64 * pct / 100).max(64);
-        let run = |p| replay(p, pages, zipf.iter().map(|k| vec![&k[..]]));
-        let (s3, lru) = (run(EvictionPolicy::S3Fifo), run(EvictionPolicy::Lru));
-        println!(
-            "| Zipf α={} ({} keys, {} requests) | {pct}% ({pages} entries) | {:.4} | {:.4} | {:.3} |",
-            a.alpha,
-            a.keys,
-            a.requests,
-            s3,
-            lru,
-            s3 / lru
-        );
-    }
-    let chat_requests = a.requests / 20;
-    let chat: Vec<Vec<[u8; 16]>> = {
+    let zipf: Vec<Vec<Vec<u8>>> = zipf_trace(a.keys, a.alpha, a.requests, 42)
+        .iter()
+        .map(|k| vec![k.to_vec()])
+        .collect();
+    let chat: Vec<Vec<Vec<u8>>> = {
         let mut w = ChatWorkload::new(ChatConfig {
             users: 200,
             system_prompts: 20,
             ..ChatConfig::default()
         });
-        (0..chat_requests).map(|_| w.next_request().keys).collect()
+        (0..a.requests / 20)
+            .map(|_| w.next_request().keys.iter().map(|k| k.to_vec()).collect())
+            .collect()
     };
-    let distinct: std::collections::HashSet<&[u8; 16]> = chat.iter().flatten().collect();
-    for pct in [5u64, 10, 25] {
-        let pages = (distinct.len() as u64 * pct / 100).max(64);
-        let run = |p| {
-            replay(
-                p,
-                pages,
-                chat.iter().map(|r| r.iter().map(|k| &k[..]).collect()),
-            )
-        };
-        let (s3, lru) = (run(EvictionPolicy::S3Fifo), run(EvictionPolicy::Lru));
-        println!(
-            "| chat (200 users, 20 system prompts, {} requests, {} distinct chunks) | {pct}% ({pages} entries) | {:.4} | {:.4} | {:.3} |",
-            chat_requests,
-            distinct.len(),
-            s3,
-            lru,
-            s3 / lru
-        );
+    let traces = [
+        (
+            format!(
+                "Zipf α={}, {} keys, {} requests",
+                a.alpha,
+                a.keys,
+                zipf.len()
+            ),
+            &zipf,
+            [1u64, 5, 10],
+        ),
+        (
+            format!(
+                "chat: 200 users, 20 system prompts, {} requests",
+                chat.len()
+            ),
+            &chat,
+            [5, 10, 25],
+        ),
+    ];
+    let s3_cols: String = a
+        .small_percent
+        .iter()
+        .map(|p| format!(" S3-FIFO (small {p}%) |"))
+        .collect();
+    println!("| trace | cache size (% of distinct keys) | LRU |{s3_cols}");
+    println!("|---|---|---|{}", "---|".repeat(a.small_percent.len()));
+    for (name, trace, sizes) in traces {
+        let distinct: HashSet<&Vec<u8>> = trace.iter().flatten().collect();
+        for pct in sizes {
+            let pages = (distinct.len() as u64 * pct / 100).max(64);
+            let run = |p, small| {
+                replay(
+                    p,
+                    small,
+                    pages,
+                    trace.iter().map(|r| r.iter().map(Vec::as_slice).collect()),
+                )
+            };
+            let lru = run(EvictionPolicy::Lru, 10);
+            let s3: Vec<f64> = a
+                .small_percent
+                .iter()
+                .map(|&sp| run(EvictionPolicy::S3Fifo, sp))
+                .collect();
+            let cells: String = s3
+                .iter()
+                .map(|h| format!(" {h:.4} ({:.3}x) |", h / lru))
+                .collect();
+            println!("| {name} | {pct}% ({pages}) | {lru:.4} |{cells}");
+        }
     }
     Ok(())
 }

@@ -437,25 +437,43 @@ impl Client {
             })
             .collect();
         let slots = self.reserve(&items).await?;
-        let mut to_commit = Vec::with_capacity(slots.len());
-        for (slot, p) in slots.iter().zip(puts) {
-            if let Some(slot) = slot {
-                self.write_slot(slot, 0, p.value)?;
-                to_commit.push((slot, p.value));
+        // Write and commit in groups, each commit in flight while the next group is written:
+        // the agent's copy into the arena then overlaps the client's copy into staging.
+        let mut pending = Vec::new();
+        let mut group = Vec::new();
+        let mut group_bytes = 0;
+        let last = slots.iter().rposition(Option::is_some);
+        for (i, (slot, p)) in slots.iter().zip(puts).enumerate() {
+            let Some(slot) = slot else { continue };
+            self.write_slot(slot, 0, p.value)?;
+            let sum = self.options.verify_puts.then(|| checksum(p.value));
+            group.push(v1::CommitItem {
+                reservation_id: slot.id,
+                checksum: sum,
+            });
+            group_bytes += p.value.len();
+            if group_bytes >= PIPELINE_BYTES || Some(i) == last {
+                let req = v1::CommitRequest {
+                    session: self.session,
+                    items: std::mem::take(&mut group),
+                };
+                pending.push(tokio::spawn(commit_request(self.grpc.clone(), req)));
+                group_bytes = 0;
             }
         }
-        let outcomes = self
-            .commit_with(&to_commit, self.options.verify_puts)
-            .await?;
+        let mut outcomes = Vec::with_capacity(slots.len());
+        for h in pending {
+            let r = h
+                .await
+                .map_err(|e| ClientError::Protocol(format!("commit task: {e}")))?;
+            outcomes.extend(r?);
+        }
         let mut it = outcomes.into_iter();
         Ok(slots
             .iter()
-            .map(|s| {
-                if s.is_some() {
-                    it.next().unwrap_or(PutOutcome::Stored)
-                } else {
-                    PutOutcome::Exists
-                }
+            .map(|s| match s {
+                Some(_) => it.next().unwrap_or(PutOutcome::Stored),
+                None => PutOutcome::Exists,
             })
             .collect())
     }
@@ -543,44 +561,26 @@ impl Client {
         Ok(())
     }
 
-    /// Commits filled slots; with `verify`, sends each value's checksum, computed from the
-    /// bytes given beside its slot.
-    async fn commit_with(&self, slots: &[(&Slot, &[u8])], verify: bool) -> Result<Vec<PutOutcome>> {
-        if slots.is_empty() {
-            return Ok(Vec::new());
-        }
-        let items = slots
-            .iter()
-            .map(|(s, v)| v1::CommitItem {
-                reservation_id: s.id,
-                checksum: verify.then(|| checksum(v)),
-            })
-            .collect();
-        let r = self
-            .grpc
-            .clone()
-            .commit(v1::CommitRequest {
-                session: self.session,
-                items,
-            })
-            .await?
-            .into_inner();
-        Ok(r.statuses
-            .into_iter()
-            .map(|s| match v1::CommitStatus::try_from(s) {
-                Ok(v1::CommitStatus::ChecksumMismatch) => PutOutcome::ChecksumMismatch,
-                _ => PutOutcome::Stored,
-            })
-            .collect())
-    }
-
     /// Commits slots filled by the caller (no checksum).
     ///
     /// # Errors
     /// The agent's refusal (unknown, foreign or duplicate reservation) or a transport error.
     pub async fn commit(&self, slots: &[Slot]) -> Result<Vec<PutOutcome>> {
-        let pairs: Vec<(&Slot, &[u8])> = slots.iter().map(|s| (s, &[][..])).collect();
-        self.commit_with(&pairs, false).await
+        let items = slots
+            .iter()
+            .map(|s| v1::CommitItem {
+                reservation_id: s.id,
+                checksum: None,
+            })
+            .collect();
+        commit_request(
+            self.grpc.clone(),
+            v1::CommitRequest {
+                session: self.session,
+                items,
+            },
+        )
+        .await
     }
 
     /// Abandons reserved slots.
@@ -682,6 +682,26 @@ impl Client {
             .await?
             .into_inner())
     }
+}
+
+/// Values written to staging before their commit is sent, when a batch is pipelined.
+const PIPELINE_BYTES: usize = 2 << 20;
+
+async fn commit_request(
+    mut grpc: NodeCacheClient<Channel>,
+    req: v1::CommitRequest,
+) -> Result<Vec<PutOutcome>> {
+    if req.items.is_empty() {
+        return Ok(Vec::new());
+    }
+    let r = grpc.commit(req).await?.into_inner();
+    Ok(r.statuses
+        .into_iter()
+        .map(|s| match v1::CommitStatus::try_from(s) {
+            Ok(v1::CommitStatus::ChecksumMismatch) => PutOutcome::ChecksumMismatch,
+            _ => PutOutcome::Stored,
+        })
+        .collect())
 }
 
 /// Sends the releases of dropped values in batches; runs until the last clone of the client

@@ -190,6 +190,8 @@ pub struct HostFileConfig {
     pub max_value: Option<ByteSize>,
     /// `s3fifo` or `lru`.
     pub eviction: Option<String>,
+    /// S3-FIFO small-queue share of the arena, in percent.
+    pub small_queue_percent: Option<u8>,
     /// Lock the arena into RAM.
     pub lock_memory: Option<bool>,
     /// Default TTL for entries.
@@ -244,6 +246,9 @@ pub struct ServeArgs {
     /// Eviction policy: s3fifo or lru [default: s3fifo].
     #[arg(long, env = "NENCACHE_AGENT_EVICTION")]
     pub eviction: Option<String>,
+    /// S3-FIFO small-queue share of the arena, in percent [default: 30].
+    #[arg(long, env = "NENCACHE_AGENT_SMALL_QUEUE_PERCENT")]
+    pub small_queue_percent: Option<u8>,
     /// Lock the arena into RAM (needs CAP_IPC_LOCK).
     #[arg(long, env = "NENCACHE_AGENT_LOCK_MEMORY")]
     pub lock_memory: Option<bool>,
@@ -393,6 +398,10 @@ impl ServeArgs {
                 .map_or(d.reservation_timeout, |h| h.0),
             default_ttl: a.default_ttl.or(f.host.default_ttl).map(|h| h.0),
             policy,
+            small_queue_percent: a
+                .small_queue_percent
+                .or(f.host.small_queue_percent)
+                .unwrap_or(d.small_queue_percent),
             lock_memory: a.lock_memory.or(f.host.lock_memory).unwrap_or(false),
         };
         engine.validate().map_err(|e| invalid(e.to_string()))?;

@@ -85,6 +85,8 @@ pub struct EngineConfig {
     pub default_ttl: Option<Duration>,
     /// Eviction policy.
     pub policy: EvictionPolicy,
+    /// S3-FIFO: share of the arena, in percent, given to the small (probationary) queue.
+    pub small_queue_percent: u8,
     /// Lock the arena and staging area into RAM (needs `CAP_IPC_LOCK` beyond small sizes).
     pub lock_memory: bool,
 }
@@ -104,6 +106,8 @@ impl Default for EngineConfig {
             reservation_timeout: Duration::from_secs(30),
             default_ttl: None,
             policy: EvictionPolicy::S3Fifo,
+            // Chosen by measurement: docs/benchmarks.md, "Eviction policy".
+            small_queue_percent: 30,
             lock_memory: false,
         }
     }
@@ -133,6 +137,12 @@ impl EngineConfig {
             return bad(format!(
                 "max value {} must be positive and fit both the arena ({}) and staging ({})",
                 self.max_value, self.capacity, self.staging
+            ));
+        }
+        if !(1..=90).contains(&self.small_queue_percent) {
+            return bad(format!(
+                "small queue share {}% is outside 1..=90",
+                self.small_queue_percent
             ));
         }
         for (name, v) in [
@@ -396,7 +406,12 @@ impl Engine {
             index: RobinHoodIndex::with_capacity(arena_pages as usize),
             entries,
             free_entry: 0,
-            policy: Policy::new(cfg.policy, arena_pages, u64::from(arena_pages) * page),
+            policy: Policy::new(
+                cfg.policy,
+                arena_pages,
+                u64::from(arena_pages) * page,
+                cfg.small_queue_percent,
+            ),
             reservations: Slab::with_capacity(cfg.max_reservations),
             leases: Slab::with_capacity(cfg.max_leases),
             sessions: vec![None; cfg.max_sessions as usize],

@@ -61,6 +61,7 @@ impl Ghost {
         }
     }
 
+    /// Slot index and fingerprint (never zero, which marks an empty slot).
     fn fp(hash: u128) -> (usize, u64) {
         ((hash as usize), ((hash >> 64) as u64) | 1)
     }
@@ -70,7 +71,7 @@ impl Ghost {
         self.slots[i & self.mask] = fp;
     }
 
-    /// Whether `hash` is present; removes it if so.
+    /// Whether `hash` is remembered; forgets it if so.
     fn take(&mut self, hash: u128) -> bool {
         let (i, fp) = Self::fp(hash);
         let s = &mut self.slots[i & self.mask];
@@ -100,7 +101,14 @@ pub(crate) struct Policy {
 }
 
 impl Policy {
-    pub(crate) fn new(kind: EvictionPolicy, capacity: u32, capacity_bytes: u64) -> Self {
+    /// Policy state for `capacity` entries in `capacity_bytes`, the small queue starting at
+    /// `small_percent` of it.
+    pub(crate) fn new(
+        kind: EvictionPolicy,
+        capacity: u32,
+        capacity_bytes: u64,
+        small_percent: u8,
+    ) -> Self {
         let n = capacity as usize;
         Self {
             kind,
@@ -113,7 +121,7 @@ impl Policy {
             tail: [NIL; 2],
             bytes: [0; 2],
             len: [0; 2],
-            small_target: capacity_bytes / 10,
+            small_target: capacity_bytes * u64::from(small_percent) / 100,
             ghost: Ghost::new(n),
         }
     }
