@@ -3,6 +3,7 @@
 //! attach protocol that hands clients their session and shared-memory descriptors.
 
 pub mod attach;
+pub mod frame;
 
 /// Version 1 of the node-local API (generated).
 #[allow(missing_docs, clippy::doc_markdown, clippy::default_trait_access)]

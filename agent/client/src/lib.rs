@@ -36,11 +36,15 @@ use memmap2::{Mmap, MmapOptions, MmapRaw};
 use nencache_api::{
     PROTOCOL_VERSION,
     attach::{self, Hello, MAX_REPLY_LEN, Reply},
+    frame::{Found, Request, Response},
     v1::{self, node_cache_client::NodeCacheClient},
 };
 pub use nencache_engine::{ChunkKeys, DEFAULT_CHUNK_SIZE, MAX_KEY_LEN, checksum, hex};
 use parking_lot::Mutex;
-use tokio::sync::Notify;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    sync::Notify,
+};
 use tonic::transport::{Channel, Endpoint};
 
 /// What went wrong in a client call.
@@ -96,6 +100,9 @@ pub struct ClientOptions {
     /// Send an XXH3-64 checksum with each commit, so the agent verifies the bytes it copied
     /// from staging (protects a put against another process writing the staging area).
     pub verify_puts: bool,
+    /// Send lookups, gets and releases over the session connection (one socket round trip,
+    /// no HTTP/2) instead of gRPC.
+    pub fast_path: bool,
 }
 
 impl Default for ClientOptions {
@@ -103,6 +110,7 @@ impl Default for ClientOptions {
         Self {
             client_name: format!("nencache-client/{}", std::process::id()),
             verify_puts: false,
+            fast_path: true,
         }
     }
 }
@@ -118,8 +126,67 @@ struct Shared {
     arena: Mmap,
     staging: MmapRaw,
     releases: Arc<ReleaseQueue>,
-    /// Keeps the session alive: the agent ends it when this connection closes.
-    _attach: StdUnixStream,
+    /// The session's connection: the agent ends the session when it closes, so values keep
+    /// it alive; it also carries fast-path calls.
+    conn: Arc<SessionConn>,
+}
+
+/// Longest fast-path response accepted.
+const MAX_RESPONSE: usize = 64 << 20;
+
+#[derive(Debug)]
+struct ConnState {
+    stream: tokio::net::UnixStream,
+    buf: Vec<u8>,
+    /// False once a call was interrupted mid-exchange: the stream may then hold a stale
+    /// response, so calls go over gRPC instead.
+    in_step: bool,
+}
+
+/// The attach connection, used for fast-path calls one at a time.
+#[derive(Debug)]
+struct SessionConn(tokio::sync::Mutex<ConnState>);
+
+impl SessionConn {
+    /// Sends `req` and reads its response; `None` when the connection is out of step.
+    async fn call(&self, req: &Request<'_>) -> Option<Result<Response>> {
+        let mut guard = self.0.lock().await;
+        let st = &mut *guard;
+        if !st.in_step {
+            return None;
+        }
+        st.in_step = false;
+        st.buf.clear();
+        req.encode(&mut st.buf);
+        let io = async {
+            st.stream.write_all(&st.buf).await?;
+            let mut len = [0u8; 4];
+            st.stream.read_exact(&mut len).await?;
+            let n = u32::from_le_bytes(len) as usize;
+            if n == 0 || n > MAX_RESPONSE {
+                return Err(std::io::Error::other(format!(
+                    "fast-path response of {n} bytes"
+                )));
+            }
+            st.buf.resize(n, 0);
+            st.stream.read_exact(&mut st.buf).await
+        };
+        if let Err(source) = io.await {
+            return Some(Err(ClientError::Io {
+                what: "session connection",
+                source,
+            }));
+        }
+        st.in_step = true;
+        Some(match Response::decode(req.op(), &st.buf) {
+            Ok(Response::Error { code, message }) => Err(ClientError::Status(tonic::Status::new(
+                tonic::Code::from(i32::from(code)),
+                message,
+            ))),
+            Ok(r) => Ok(r),
+            Err(e) => Err(ClientError::Protocol(e.to_string())),
+        })
+    }
 }
 
 /// Limits and layout the agent announced in the handshake.
@@ -354,14 +421,35 @@ impl Client {
             page_size: hs.page_size,
             limits,
         };
+        stream
+            .set_nonblocking(true)
+            .map_err(|source| ClientError::Io {
+                what: "session connection",
+                source,
+            })?;
+        let stream =
+            tokio::net::UnixStream::from_std(stream).map_err(|source| ClientError::Io {
+                what: "session connection",
+                source,
+            })?;
+        let conn = Arc::new(SessionConn(tokio::sync::Mutex::new(ConnState {
+            stream,
+            buf: Vec::new(),
+            in_step: true,
+        })));
         let releases = Arc::new(ReleaseQueue::default());
         let shared = Arc::new(Shared {
             arena,
             staging,
             releases: releases.clone(),
-            _attach: stream,
+            conn: conn.clone(),
         });
-        let flusher = tokio::spawn(flush_releases(grpc.clone(), reply.session, releases));
+        let flusher = tokio::spawn(flush_releases(
+            grpc.clone(),
+            reply.session,
+            releases,
+            options.fast_path.then(|| conn.clone()),
+        ));
         Ok(Self {
             grpc,
             session: reply.session,
@@ -389,6 +477,18 @@ impl Client {
     /// # Errors
     /// The agent's refusal (an invalid key, an oversized batch) or a transport error.
     pub async fn lookup(&self, keys: &[&[u8]]) -> Result<(usize, Vec<v1::Tier>)> {
+        if let Some(r) = self.fast(&Request::Lookup(keys.to_vec())).await {
+            let Response::Lookup(tiers) = r? else {
+                return Err(ClientError::Protocol(
+                    "mismatched fast-path response".into(),
+                ));
+            };
+            let tiers: Vec<v1::Tier> = tiers
+                .into_iter()
+                .map(|t| v1::Tier::try_from(i32::from(t)).unwrap_or_default())
+                .collect();
+            return Ok((tiers.len(), tiers));
+        }
         let r = self
             .grpc
             .clone()
@@ -603,38 +703,72 @@ impl Client {
     /// # Errors
     /// The agent's refusal (an invalid key, too many leases) or a transport error.
     pub async fn get(&self, keys: &[&[u8]]) -> Result<Vec<Option<Value>>> {
-        let r = self
-            .grpc
-            .clone()
-            .get(v1::GetRequest {
-                session: self.session,
-                keys: keys.iter().map(|k| k.to_vec()).collect(),
-            })
-            .await?
-            .into_inner();
+        let found: Vec<Option<Found>> = match self.fast(&Request::Get(keys.to_vec())).await {
+            Some(r) => {
+                let Response::Get(items) = r? else {
+                    return Err(ClientError::Protocol(
+                        "mismatched fast-path response".into(),
+                    ));
+                };
+                items
+            }
+            None => self
+                .grpc
+                .clone()
+                .get(v1::GetRequest {
+                    session: self.session,
+                    keys: keys.iter().map(|k| k.to_vec()).collect(),
+                })
+                .await?
+                .into_inner()
+                .items
+                .into_iter()
+                .map(|it| {
+                    it.found.then_some(Found {
+                        lease: it.lease_id,
+                        offset: it.offset,
+                        len: it.len,
+                        tier: it.tier as u8,
+                        metadata: it.metadata,
+                    })
+                })
+                .collect(),
+        };
+        if found.len() != keys.len() {
+            return Err(ClientError::Protocol(
+                "get answered the wrong number of keys".into(),
+            ));
+        }
         let arena_len = self.shared.arena.len() as u64;
-        let mut out = Vec::with_capacity(r.items.len());
-        for it in r.items {
-            if !it.found {
+        let mut out = Vec::with_capacity(found.len());
+        for f in found {
+            let Some(f) = f else {
                 out.push(None);
                 continue;
-            }
-            if it
-                .offset
-                .checked_add(it.len)
+            };
+            if f.offset
+                .checked_add(f.len)
                 .is_none_or(|end| end > arena_len)
             {
                 return Err(ClientError::Protocol("value extent out of bounds".into()));
             }
             out.push(Some(Value {
                 shared: self.shared.clone(),
-                offset: it.offset as usize,
-                len: it.len as usize,
-                lease: it.lease_id,
-                metadata: it.metadata,
+                offset: f.offset as usize,
+                len: f.len as usize,
+                lease: f.lease,
+                metadata: f.metadata,
             }));
         }
         Ok(out)
+    }
+
+    /// A fast-path call, when enabled and the connection is in step.
+    async fn fast(&self, req: &Request<'_>) -> Option<Result<Response>> {
+        if !self.options.fast_path {
+            return None;
+        }
+        self.shared.conn.call(req).await
     }
 
     /// Sends the releases of dropped values now instead of in the background.
@@ -706,7 +840,12 @@ async fn commit_request(
 
 /// Sends the releases of dropped values in batches; runs until the last clone of the client
 /// is dropped.
-async fn flush_releases(grpc: NodeCacheClient<Channel>, session: u64, queue: Arc<ReleaseQueue>) {
+async fn flush_releases(
+    grpc: NodeCacheClient<Channel>,
+    session: u64,
+    queue: Arc<ReleaseQueue>,
+    conn: Option<Arc<SessionConn>>,
+) {
     loop {
         let notified = queue.wake.notified();
         let ids = std::mem::take(&mut *queue.pending.lock());
@@ -714,17 +853,34 @@ async fn flush_releases(grpc: NodeCacheClient<Channel>, session: u64, queue: Arc
             notified.await;
             continue;
         }
-        if let Err(e) = grpc
-            .clone()
-            .release(v1::ReleaseRequest {
-                session,
-                lease_ids: ids,
-            })
-            .await
-        {
+        if let Err(e) = release(&grpc, session, conn.as_deref(), ids).await {
             tracing::warn!(error = %e, "releasing leases");
         }
     }
+}
+
+/// Releases `ids` over the session connection when given and in step, else over gRPC.
+async fn release(
+    grpc: &NodeCacheClient<Channel>,
+    session: u64,
+    conn: Option<&SessionConn>,
+    ids: Vec<u64>,
+) -> Result<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    if let Some(c) = conn
+        && let Some(r) = c.call(&Request::Release(ids.clone())).await
+    {
+        return r.map(|_| ());
+    }
+    grpc.clone()
+        .release(v1::ReleaseRequest {
+            session,
+            lease_ids: ids,
+        })
+        .await?;
+    Ok(())
 }
 
 fn attach_session(path: &Path) -> Result<(Reply, StdUnixStream, Vec<std::os::fd::OwnedFd>)> {

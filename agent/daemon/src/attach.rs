@@ -7,15 +7,19 @@ use std::{os::fd::AsFd, sync::Arc};
 use nencache_api::{
     PROTOCOL_VERSION,
     attach::{HELLO_HEADER_LEN, Hello, Reply, send_with_fds, status},
+    frame::{self, Found, Request, Response},
 };
-use nencache_engine::Engine;
+use nencache_engine::{Engine, SessionId};
 use tokio::{
-    io::{AsyncReadExt, Interest},
+    io::{AsyncReadExt, AsyncWriteExt, Interest},
     net::{UnixListener, UnixStream},
     sync::watch,
 };
 
-use crate::metrics::Metrics;
+use crate::{
+    metrics::Metrics,
+    service::{status_of, tier},
+};
 
 /// Accepts attach connections until `shutdown` flips.
 pub async fn serve(
@@ -155,18 +159,8 @@ async fn session(
             "session opened"
         );
         metrics.sessions_opened.inc();
-        // The session lives as long as the connection; clients send nothing more.
-        let mut buf = [0u8; 64];
-        loop {
-            tokio::select! {
-                r = stream.read(&mut buf) => match r {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
-                },
-                _ = shutdown.changed() => break,
-            }
-        }
-        Ok::<_, std::io::Error>(())
+        // The session lives as long as the connection, which carries fast-path calls.
+        serve_frames(&mut stream, engine, metrics, id, &mut shutdown).await
     }
     .await;
     match engine.close_session(id) {
@@ -180,4 +174,103 @@ async fn session(
         Err(e) => tracing::warn!(error = %e, "closing session"),
     }
     result
+}
+
+/// Answers fast-path frames until the client disconnects, sends a malformed frame, or the
+/// agent shuts down.
+async fn serve_frames(
+    stream: &mut UnixStream,
+    engine: &Engine,
+    metrics: &Metrics,
+    session: SessionId,
+    shutdown: &mut watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let mut len = [0u8; 4];
+    let mut body = Vec::new();
+    let mut out = Vec::new();
+    loop {
+        tokio::select! {
+            r = stream.read_exact(&mut len) => if r.is_err() { return Ok(()) },
+            _ = shutdown.changed() => return Ok(()),
+        }
+        let start = std::time::Instant::now();
+        let n = u32::from_le_bytes(len) as usize;
+        out.clear();
+        if n == 0 || n > frame::MAX_FRAME {
+            let message = format!("frame of {n} bytes is outside 1..={}", frame::MAX_FRAME);
+            Response::Error {
+                code: frame::INVALID_ARGUMENT,
+                message,
+            }
+            .encode(&mut out);
+            stream.write_all(&out).await?;
+            return Ok(());
+        }
+        body.resize(n, 0);
+        stream.read_exact(&mut body).await?;
+        let (method, resp, fatal) = match Request::decode(&body) {
+            Ok(req) => {
+                let (method, resp) = handle(engine, session, req);
+                (method, resp, false)
+            }
+            Err(e) => {
+                let resp = Response::Error {
+                    code: frame::INVALID_ARGUMENT,
+                    message: e.to_string(),
+                };
+                ("session_malformed", resp, true)
+            }
+        };
+        let code = match &resp {
+            Response::Error { code, .. } => tonic::Code::from(i32::from(*code)),
+            _ => tonic::Code::Ok,
+        };
+        resp.encode(&mut out);
+        stream.write_all(&out).await?;
+        metrics.observe(method, code, start.elapsed().as_secs_f64());
+        if fatal {
+            return Ok(());
+        }
+    }
+}
+
+fn handle(engine: &Engine, session: SessionId, req: Request<'_>) -> (&'static str, Response) {
+    let (method, r) = match req {
+        Request::Lookup(keys) => (
+            "session_lookup",
+            engine
+                .lookup(&keys)
+                .map(|l| Response::Lookup(l.tiers.into_iter().map(|t| tier(t) as u8).collect())),
+        ),
+        Request::Get(keys) => (
+            "session_get",
+            engine.get(session, &keys).map(|ls| {
+                Response::Get(
+                    ls.into_iter()
+                        .map(|l| {
+                            l.map(|l| Found {
+                                lease: l.id,
+                                offset: l.offset,
+                                len: l.len,
+                                tier: tier(l.tier) as u8,
+                                metadata: l.metadata,
+                            })
+                        })
+                        .collect(),
+                )
+            }),
+        ),
+        Request::Release(ids) => (
+            "session_release",
+            engine.release(session, &ids).map(|()| Response::Release),
+        ),
+    };
+    let resp = r.unwrap_or_else(|e| {
+        let s = status_of(&e);
+        Response::Error {
+            code: s.code() as i32 as u8,
+            message: s.message().to_string(),
+        }
+    });
+    (method, resp)
 }

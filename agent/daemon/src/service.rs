@@ -67,7 +67,8 @@ impl NodeCacheService {
     }
 }
 
-fn tier(t: Tier) -> i32 {
+/// The proto number of a tier.
+pub(crate) fn tier(t: Tier) -> i32 {
     match t {
         Tier::Host => v1::Tier::Host as i32,
     }

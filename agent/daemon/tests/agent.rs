@@ -186,6 +186,73 @@ async fn put_get_from_many_tasks() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn grpc_and_fast_path_serve_the_same_cache() {
+    let agent = TestAgent::start(&[]);
+    let opts = nencache_client::ClientOptions {
+        fast_path: false,
+        ..Default::default()
+    };
+    let slow = Client::connect_with(&agent.socket, opts).await.unwrap();
+    let fast = agent.client().await;
+    slow.put(b"a", &pattern(1, 50_000), b"via-grpc")
+        .await
+        .unwrap();
+    fast.put(b"b", &pattern(2, 50_000), b"").await.unwrap();
+    for c in [&slow, &fast] {
+        assert_eq!(c.lookup(&[b"a", b"b", b"c"]).await.unwrap().0, 2);
+        let v = c.get(&[b"a", b"c", b"b"]).await.unwrap();
+        assert_eq!(&v[0].as_ref().unwrap()[..], &pattern(1, 50_000)[..]);
+        assert_eq!(v[0].as_ref().unwrap().metadata(), b"via-grpc");
+        assert!(v[1].is_none());
+        assert_eq!(&v[2].as_ref().unwrap()[..], &pattern(2, 50_000)[..]);
+        assert_eq!(code(c.get(&[&[0u8; 300]]).await), Code::InvalidArgument);
+        drop(v);
+        c.flush_releases().await.unwrap();
+    }
+    let s = fast.stats().await.unwrap();
+    assert_eq!((s.hits, s.misses, s.leases), (4, 2, 0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_fast_path_frames_end_only_that_session() {
+    let agent = TestAgent::start(&[]);
+    let c = agent.client().await;
+    c.put(b"k", b"v", b"").await.unwrap();
+    for frame in [
+        &b"\x03\x00\x00\x00\x09\x00\x00"[..],
+        &b"\xff\xff\xff\x7f"[..],
+    ] {
+        let mut s =
+            std::os::unix::net::UnixStream::connect(agent.socket.with_extension("sock.attach"))
+                .unwrap();
+        s.write_all(
+            &Hello {
+                version: PROTOCOL_VERSION,
+                tenant: String::new(),
+            }
+            .encode(),
+        )
+        .unwrap();
+        let mut buf = vec![0u8; 512];
+        let n = attach::recv_with_fds(s.as_fd(), &mut buf, &mut Vec::new()).unwrap();
+        assert_eq!(Reply::decode(&buf[..n]).unwrap().status, attach::status::OK);
+        s.write_all(frame).unwrap();
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp).unwrap();
+        let body = &resp[4..];
+        assert_eq!(body[0], nencache_api::frame::INVALID_ARGUMENT, "{resp:?}");
+    }
+    eventually("sessions closed", async || {
+        c.stats().await.unwrap().sessions == 1
+    })
+    .await;
+    assert_eq!(
+        &c.get(&[b"k"]).await.unwrap()[0].as_ref().unwrap()[..],
+        b"v"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn separate_processes_share_the_cache() {
     let agent = TestAgent::start(&[]);
     let sock = agent.socket.to_str().unwrap();
@@ -639,7 +706,8 @@ async fn admin_endpoint_serves_health_and_metrics() {
         "nencache_agent_hits_total{tier=\"host\"} 1",
         "nencache_agent_misses_total 1",
         "nencache_agent_rpc_duration_seconds_bucket{le=",
-        "method=\"get\"",
+        "method=\"session_get\"",
+        "method=\"commit\"",
         "nencache_agent_tier_used_bytes{tier=\"host\"} 4096",
         "nencache_agent_leases",
     ] {

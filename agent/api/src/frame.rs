@@ -1,0 +1,365 @@
+//! The session fast path: after the attach exchange, the attach connection carries small
+//! binary request/response frames for the latency-critical calls (lookup, get, release),
+//! one round trip each with no HTTP/2 or protobuf in the way. Requests on this path act for
+//! the connection's own session, so they cannot name another session. gRPC offers the same
+//! calls; both paths share the engine.
+//!
+//! ```text
+//! request   len u32 | op u8 | body              (len counts op and body)
+//!   LOOKUP, GET   n u16 | n × (key_len u16 | key)
+//!   RELEASE       n u16 | n × lease u64
+//! response  len u32 | status u8 | body          (status 0 = OK, else a gRPC code number)
+//!   LOOKUP        prefix u32 | prefix × tier u8
+//!   GET           n u16 | n × (found u8 | lease u64 | offset u64 | len u64 | tier u8
+//!                              | meta_len u16 | meta)     (fields after `found` only if 1)
+//!   RELEASE       (empty)
+//!   error         msg_len u16 | msg
+//! ```
+//!
+//! Integers are little-endian. A frame longer than [`MAX_FRAME`] or one that does not parse
+//! is answered with `INVALID_ARGUMENT`, and the agent then closes the connection (ending the
+//! session), since the stream can no longer be trusted to be in step.
+
+use crate::attach::AttachError;
+
+/// Longest frame body accepted, in bytes.
+pub const MAX_FRAME: usize = 1 << 20;
+/// Operation codes.
+pub mod op {
+    /// How many leading keys are cached.
+    pub const LOOKUP: u8 = 1;
+    /// Lease the values of keys.
+    pub const GET: u8 = 2;
+    /// Release leases.
+    pub const RELEASE: u8 = 3;
+}
+/// Status of a successful response.
+pub const OK: u8 = 0;
+/// Status of a malformed request (gRPC `INVALID_ARGUMENT`).
+pub const INVALID_ARGUMENT: u8 = 3;
+
+/// A decoded request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request<'a> {
+    /// Keys of a prompt, in order.
+    Lookup(Vec<&'a [u8]>),
+    /// Keys to lease.
+    Get(Vec<&'a [u8]>),
+    /// Leases to release.
+    Release(Vec<u64>),
+}
+
+/// One found value of a GET response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    /// Lease id.
+    pub lease: u64,
+    /// Arena offset.
+    pub offset: u64,
+    /// Value length.
+    pub len: u64,
+    /// Tier (the proto `Tier` number).
+    pub tier: u8,
+    /// Stored metadata.
+    pub metadata: Vec<u8>,
+}
+
+/// A decoded response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Response {
+    /// Cached prefix length and the tier of each of those keys.
+    Lookup(Vec<u8>),
+    /// One entry per requested key.
+    Get(Vec<Option<Found>>),
+    /// Leases released.
+    Release,
+    /// The call was refused.
+    Error {
+        /// gRPC code number.
+        code: u8,
+        /// Reason.
+        message: String,
+    },
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], AttachError> {
+        if self.0.len() < n {
+            return Err(AttachError::Malformed("truncated frame"));
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+
+    fn u8(&mut self) -> Result<u8, AttachError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, AttachError> {
+        let b = self.take(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+
+    fn u32(&mut self) -> Result<u32, AttachError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn u64(&mut self) -> Result<u64, AttachError> {
+        let mut x = [0; 8];
+        x.copy_from_slice(self.take(8)?);
+        Ok(u64::from_le_bytes(x))
+    }
+
+    fn end(&self) -> Result<(), AttachError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(AttachError::Malformed("trailing bytes in frame"))
+        }
+    }
+
+    fn keys(&mut self) -> Result<Vec<&'a [u8]>, AttachError> {
+        let n = usize::from(self.u16()?);
+        let mut keys = Vec::with_capacity(n);
+        for _ in 0..n {
+            let len = usize::from(self.u16()?);
+            keys.push(self.take(len)?);
+        }
+        Ok(keys)
+    }
+}
+
+fn begin(out: &mut Vec<u8>, first: u8) -> usize {
+    let at = out.len();
+    out.extend_from_slice(&[0; 4]);
+    out.push(first);
+    at
+}
+
+fn finish(out: &mut [u8], at: usize) {
+    let len = (out.len() - at - 4) as u32;
+    out[at..at + 4].copy_from_slice(&len.to_le_bytes());
+}
+
+fn put_keys(out: &mut Vec<u8>, keys: &[&[u8]]) {
+    out.extend_from_slice(&(keys.len() as u16).to_le_bytes());
+    for k in keys {
+        out.extend_from_slice(&(k.len() as u16).to_le_bytes());
+        out.extend_from_slice(k);
+    }
+}
+
+impl Request<'_> {
+    /// The operation code.
+    #[must_use]
+    pub fn op(&self) -> u8 {
+        match self {
+            Self::Lookup(_) => op::LOOKUP,
+            Self::Get(_) => op::GET,
+            Self::Release(_) => op::RELEASE,
+        }
+    }
+
+    /// Appends the framed request to `out`. Callers keep batches within the agent's
+    /// `max_batch` and keys within 256 bytes, so counts and lengths fit their fields.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let at = begin(out, self.op());
+        match self {
+            Self::Lookup(keys) | Self::Get(keys) => put_keys(out, keys),
+            Self::Release(ids) => {
+                out.extend_from_slice(&(ids.len() as u16).to_le_bytes());
+                for id in ids {
+                    out.extend_from_slice(&id.to_le_bytes());
+                }
+            }
+        }
+        finish(out, at);
+    }
+}
+
+impl<'a> Request<'a> {
+    /// Parses a frame body (the bytes after the length).
+    ///
+    /// # Errors
+    /// An unknown operation or bytes that do not match it.
+    pub fn decode(body: &'a [u8]) -> Result<Self, AttachError> {
+        let mut r = Reader(body);
+        let req = match r.u8()? {
+            op::LOOKUP => Self::Lookup(r.keys()?),
+            op::GET => Self::Get(r.keys()?),
+            op::RELEASE => {
+                let n = usize::from(r.u16()?);
+                Self::Release((0..n).map(|_| r.u64()).collect::<Result<_, _>>()?)
+            }
+            _ => return Err(AttachError::Malformed("unknown operation")),
+        };
+        r.end()?;
+        Ok(req)
+    }
+}
+
+impl Response {
+    /// Appends the framed response to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let status = match self {
+            Self::Error { code, .. } => *code,
+            _ => OK,
+        };
+        let at = begin(out, status);
+        match self {
+            Self::Lookup(tiers) => {
+                out.extend_from_slice(&(tiers.len() as u32).to_le_bytes());
+                out.extend_from_slice(tiers);
+            }
+            Self::Get(items) => {
+                out.extend_from_slice(&(items.len() as u16).to_le_bytes());
+                for it in items {
+                    match it {
+                        None => out.push(0),
+                        Some(f) => {
+                            out.push(1);
+                            for x in [f.lease, f.offset, f.len] {
+                                out.extend_from_slice(&x.to_le_bytes());
+                            }
+                            out.push(f.tier);
+                            out.extend_from_slice(&(f.metadata.len() as u16).to_le_bytes());
+                            out.extend_from_slice(&f.metadata);
+                        }
+                    }
+                }
+            }
+            Self::Release => {}
+            Self::Error { message, .. } => {
+                let m = &message.as_bytes()[..message.len().min(4096)];
+                out.extend_from_slice(&(m.len() as u16).to_le_bytes());
+                out.extend_from_slice(m);
+            }
+        }
+        finish(out, at);
+    }
+
+    /// Parses the body of the response to a request of operation `op`.
+    ///
+    /// # Errors
+    /// Bytes that do not form such a response.
+    pub fn decode(op: u8, body: &[u8]) -> Result<Self, AttachError> {
+        let mut r = Reader(body);
+        let status = r.u8()?;
+        let resp = if status != OK {
+            let n = usize::from(r.u16()?);
+            let message = String::from_utf8_lossy(r.take(n)?).into_owned();
+            Self::Error {
+                code: status,
+                message,
+            }
+        } else {
+            match op {
+                op::LOOKUP => {
+                    let n = r.u32()? as usize;
+                    Self::Lookup(r.take(n)?.to_vec())
+                }
+                op::GET => {
+                    let n = usize::from(r.u16()?);
+                    let mut items = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        items.push(match r.u8()? {
+                            0 => None,
+                            1 => {
+                                let (lease, offset, len) = (r.u64()?, r.u64()?, r.u64()?);
+                                let tier = r.u8()?;
+                                let m = usize::from(r.u16()?);
+                                let metadata = r.take(m)?.to_vec();
+                                Some(Found {
+                                    lease,
+                                    offset,
+                                    len,
+                                    tier,
+                                    metadata,
+                                })
+                            }
+                            _ => return Err(AttachError::Malformed("bad found flag")),
+                        });
+                    }
+                    Self::Get(items)
+                }
+                op::RELEASE => Self::Release,
+                _ => return Err(AttachError::Malformed("unknown operation")),
+            }
+        };
+        r.end()?;
+        Ok(resp)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(framed: &[u8]) -> &[u8] {
+        let len = u32::from_le_bytes(framed[..4].try_into().unwrap()) as usize;
+        assert_eq!(framed.len(), len + 4);
+        &framed[4..]
+    }
+
+    #[test]
+    fn requests_roundtrip() {
+        for req in [
+            Request::Lookup(vec![b"a", b"bcd"]),
+            Request::Get(vec![]),
+            Request::Release(vec![1, u64::MAX]),
+        ] {
+            let mut out = Vec::new();
+            req.encode(&mut out);
+            assert_eq!(Request::decode(body(&out)).unwrap(), req);
+        }
+    }
+
+    #[test]
+    fn responses_roundtrip() {
+        let found = Found {
+            lease: 9,
+            offset: 4096,
+            len: 10,
+            tier: 2,
+            metadata: b"m".to_vec(),
+        };
+        for (op, resp) in [
+            (op::LOOKUP, Response::Lookup(vec![2, 2])),
+            (op::GET, Response::Get(vec![None, Some(found)])),
+            (op::RELEASE, Response::Release),
+            (
+                op::GET,
+                Response::Error {
+                    code: 5,
+                    message: "not found".into(),
+                },
+            ),
+        ] {
+            let mut out = Vec::new();
+            resp.encode(&mut out);
+            assert_eq!(Response::decode(op, body(&out)).unwrap(), resp);
+        }
+    }
+
+    #[test]
+    fn malformed_frames_are_rejected() {
+        assert!(Request::decode(&[]).is_err());
+        assert!(Request::decode(&[9]).is_err());
+        assert!(
+            Request::decode(&[op::GET, 2, 0, 1, 0]).is_err(),
+            "truncated key"
+        );
+        assert!(
+            Request::decode(&[op::RELEASE, 0, 0, 7]).is_err(),
+            "trailing byte"
+        );
+        assert!(
+            Response::decode(op::GET, &[0, 1, 0, 7]).is_err(),
+            "bad found flag"
+        );
+    }
+}
