@@ -8,13 +8,22 @@
 //! request   len u32 | op u8 | body              (len counts op and body)
 //!   LOOKUP, GET   n u16 | n × (key_len u16 | key)
 //!   RELEASE       n u16 | n × lease u64
+//!   RESERVE       n u16 | n × (key_len u16 | key | value_len u64 | meta_len u16 | meta
+//!                              | ttl_ms u64 | overwrite u8)
+//!   COMMIT        n u16 | n × (reservation u64 | has_checksum u8 | checksum u64)
 //! response  len u32 | status u8 | body          (status 0 = OK, else a gRPC code number)
 //!   LOOKUP        prefix u32 | prefix × tier u8
 //!   GET           n u16 | n × (found u8 | lease u64 | offset u64 | len u64 | tier u8
 //!                              | meta_len u16 | meta)     (fields after `found` only if 1)
 //!   RELEASE       (empty)
+//!   RESERVE       n u16 | n × (reserved u8 | reservation u64 | staging_offset u64)
+//!                 (reserved 0: the key exists, and the two numbers are 0)
+//!   COMMIT        n u16 | n × committed u8    (0: the checksum did not match)
 //!   error         msg_len u16 | msg
 //! ```
+//!
+//! Responses come in request order, so a client may send several requests (a put's commits,
+//! say) before reading their responses.
 //!
 //! Integers are little-endian. A frame longer than [`MAX_FRAME`] or one that does not parse
 //! is answered with `INVALID_ARGUMENT`, and the agent then closes the connection (ending the
@@ -32,6 +41,25 @@ pub mod op {
     pub const GET: u8 = 2;
     /// Release leases.
     pub const RELEASE: u8 = 3;
+    /// Reserve space for puts.
+    pub const RESERVE: u8 = 4;
+    /// Publish reserved puts.
+    pub const COMMIT: u8 = 5;
+}
+
+/// One item of a RESERVE request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReserveItem<'a> {
+    /// Key.
+    pub key: &'a [u8],
+    /// Value length.
+    pub value_len: u64,
+    /// Metadata.
+    pub metadata: &'a [u8],
+    /// TTL in milliseconds (0: the agent's default).
+    pub ttl_ms: u64,
+    /// Replace an existing entry.
+    pub overwrite: bool,
 }
 /// Status of a successful response.
 pub const OK: u8 = 0;
@@ -47,6 +75,10 @@ pub enum Request<'a> {
     Get(Vec<&'a [u8]>),
     /// Leases to release.
     Release(Vec<u64>),
+    /// Puts to reserve.
+    Reserve(Vec<ReserveItem<'a>>),
+    /// Reservations to commit, each with an optional XXH3-64 checksum.
+    Commit(Vec<(u64, Option<u64>)>),
 }
 
 /// One found value of a GET response.
@@ -73,6 +105,10 @@ pub enum Response {
     Get(Vec<Option<Found>>),
     /// Leases released.
     Release,
+    /// Per item: `Some((reservation, staging offset))`, or `None` when the key exists.
+    Reserve(Vec<Option<(u64, u64)>>),
+    /// Per item: whether it was committed (false: checksum mismatch).
+    Commit(Vec<bool>),
     /// The call was refused.
     Error {
         /// gRPC code number.
@@ -112,6 +148,14 @@ impl<'a> Reader<'a> {
         let mut x = [0; 8];
         x.copy_from_slice(self.take(8)?);
         Ok(u64::from_le_bytes(x))
+    }
+
+    fn flag(&mut self) -> Result<bool, AttachError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(AttachError::Malformed("flag is neither 0 nor 1")),
+        }
     }
 
     fn end(&self) -> Result<(), AttachError> {
@@ -161,6 +205,8 @@ impl Request<'_> {
             Self::Lookup(_) => op::LOOKUP,
             Self::Get(_) => op::GET,
             Self::Release(_) => op::RELEASE,
+            Self::Reserve(_) => op::RESERVE,
+            Self::Commit(_) => op::COMMIT,
         }
     }
 
@@ -174,6 +220,26 @@ impl Request<'_> {
                 out.extend_from_slice(&(ids.len() as u16).to_le_bytes());
                 for id in ids {
                     out.extend_from_slice(&id.to_le_bytes());
+                }
+            }
+            Self::Reserve(items) => {
+                out.extend_from_slice(&(items.len() as u16).to_le_bytes());
+                for it in items {
+                    out.extend_from_slice(&(it.key.len() as u16).to_le_bytes());
+                    out.extend_from_slice(it.key);
+                    out.extend_from_slice(&it.value_len.to_le_bytes());
+                    out.extend_from_slice(&(it.metadata.len() as u16).to_le_bytes());
+                    out.extend_from_slice(it.metadata);
+                    out.extend_from_slice(&it.ttl_ms.to_le_bytes());
+                    out.push(u8::from(it.overwrite));
+                }
+            }
+            Self::Commit(items) => {
+                out.extend_from_slice(&(items.len() as u16).to_le_bytes());
+                for (id, sum) in items {
+                    out.extend_from_slice(&id.to_le_bytes());
+                    out.push(u8::from(sum.is_some()));
+                    out.extend_from_slice(&sum.unwrap_or(0).to_le_bytes());
                 }
             }
         }
@@ -194,6 +260,38 @@ impl<'a> Request<'a> {
             op::RELEASE => {
                 let n = usize::from(r.u16()?);
                 Self::Release((0..n).map(|_| r.u64()).collect::<Result<_, _>>()?)
+            }
+            op::RESERVE => {
+                let n = usize::from(r.u16()?);
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let klen = usize::from(r.u16()?);
+                    let key = r.take(klen)?;
+                    let value_len = r.u64()?;
+                    let mlen = usize::from(r.u16()?);
+                    let metadata = r.take(mlen)?;
+                    let ttl_ms = r.u64()?;
+                    let overwrite = r.flag()?;
+                    items.push(ReserveItem {
+                        key,
+                        value_len,
+                        metadata,
+                        ttl_ms,
+                        overwrite,
+                    });
+                }
+                Self::Reserve(items)
+            }
+            op::COMMIT => {
+                let n = usize::from(r.u16()?);
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let id = r.u64()?;
+                    let has = r.flag()?;
+                    let sum = r.u64()?;
+                    items.push((id, has.then_some(sum)));
+                }
+                Self::Commit(items)
             }
             _ => return Err(AttachError::Malformed("unknown operation")),
         };
@@ -233,6 +331,19 @@ impl Response {
                 }
             }
             Self::Release => {}
+            Self::Reserve(items) => {
+                out.extend_from_slice(&(items.len() as u16).to_le_bytes());
+                for it in items {
+                    let (id, off) = it.unwrap_or((0, 0));
+                    out.push(u8::from(it.is_some()));
+                    out.extend_from_slice(&id.to_le_bytes());
+                    out.extend_from_slice(&off.to_le_bytes());
+                }
+            }
+            Self::Commit(items) => {
+                out.extend_from_slice(&(items.len() as u16).to_le_bytes());
+                out.extend(items.iter().map(|&c| u8::from(c)));
+            }
             Self::Error { message, .. } => {
                 let m = &message.as_bytes()[..message.len().min(4096)];
                 out.extend_from_slice(&(m.len() as u16).to_le_bytes());
@@ -287,6 +398,20 @@ impl Response {
                     Self::Get(items)
                 }
                 op::RELEASE => Self::Release,
+                op::RESERVE => {
+                    let n = usize::from(r.u16()?);
+                    let mut items = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        let reserved = r.flag()?;
+                        let (id, off) = (r.u64()?, r.u64()?);
+                        items.push(reserved.then_some((id, off)));
+                    }
+                    Self::Reserve(items)
+                }
+                op::COMMIT => {
+                    let n = usize::from(r.u16()?);
+                    Self::Commit((0..n).map(|_| r.flag()).collect::<Result<_, _>>()?)
+                }
                 _ => return Err(AttachError::Malformed("unknown operation")),
             }
         };
@@ -311,6 +436,14 @@ mod tests {
             Request::Lookup(vec![b"a", b"bcd"]),
             Request::Get(vec![]),
             Request::Release(vec![1, u64::MAX]),
+            Request::Reserve(vec![ReserveItem {
+                key: b"k",
+                value_len: 1 << 20,
+                metadata: b"meta",
+                ttl_ms: 5,
+                overwrite: true,
+            }]),
+            Request::Commit(vec![(7, None), (8, Some(99))]),
         ] {
             let mut out = Vec::new();
             req.encode(&mut out);
@@ -331,6 +464,8 @@ mod tests {
             (op::LOOKUP, Response::Lookup(vec![2, 2])),
             (op::GET, Response::Get(vec![None, Some(found)])),
             (op::RELEASE, Response::Release),
+            (op::RESERVE, Response::Reserve(vec![Some((3, 8192)), None])),
+            (op::COMMIT, Response::Commit(vec![true, false])),
             (
                 op::GET,
                 Response::Error {

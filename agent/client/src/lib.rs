@@ -36,7 +36,7 @@ use memmap2::{Mmap, MmapOptions, MmapRaw};
 use nencache_api::{
     PROTOCOL_VERSION,
     attach::{self, Hello, MAX_REPLY_LEN, Reply},
-    frame::{Found, Request, Response},
+    frame::{Found, Request, ReserveItem, Response, op},
     v1::{self, node_cache_client::NodeCacheClient},
 };
 pub use nencache_engine::{ChunkKeys, DEFAULT_CHUNK_SIZE, MAX_KEY_LEN, checksum, hex};
@@ -147,45 +147,66 @@ struct ConnState {
 #[derive(Debug)]
 struct SessionConn(tokio::sync::Mutex<ConnState>);
 
-impl SessionConn {
-    /// Sends `req` and reads its response; `None` when the connection is out of step.
-    async fn call(&self, req: &Request<'_>) -> Option<Result<Response>> {
-        let mut guard = self.0.lock().await;
-        let st = &mut *guard;
-        if !st.in_step {
-            return None;
-        }
-        st.in_step = false;
-        st.buf.clear();
-        req.encode(&mut st.buf);
-        let io = async {
-            st.stream.write_all(&st.buf).await?;
-            let mut len = [0u8; 4];
-            st.stream.read_exact(&mut len).await?;
-            let n = u32::from_le_bytes(len) as usize;
-            if n == 0 || n > MAX_RESPONSE {
-                return Err(std::io::Error::other(format!(
-                    "fast-path response of {n} bytes"
-                )));
-            }
-            st.buf.resize(n, 0);
-            st.stream.read_exact(&mut st.buf).await
-        };
-        if let Err(source) = io.await {
-            return Some(Err(ClientError::Io {
+impl ConnState {
+    async fn send(&mut self, req: &Request<'_>) -> Result<()> {
+        self.buf.clear();
+        req.encode(&mut self.buf);
+        self.stream
+            .write_all(&self.buf)
+            .await
+            .map_err(|source| ClientError::Io {
                 what: "session connection",
                 source,
-            }));
+            })
+    }
+
+    /// Reads the response to a request of operation `op`. An agent refusal is an `Err` that
+    /// leaves the stream in step; I/O and framing errors do not.
+    async fn recv(&mut self, op: u8) -> Result<Response> {
+        let io = |source| ClientError::Io {
+            what: "session connection",
+            source,
+        };
+        let mut len = [0u8; 4];
+        self.stream.read_exact(&mut len).await.map_err(io)?;
+        let n = u32::from_le_bytes(len) as usize;
+        if n == 0 || n > MAX_RESPONSE {
+            return Err(ClientError::Protocol(format!(
+                "fast-path response of {n} bytes"
+            )));
         }
-        st.in_step = true;
-        Some(match Response::decode(req.op(), &st.buf) {
+        self.buf.resize(n, 0);
+        self.stream.read_exact(&mut self.buf).await.map_err(io)?;
+        match Response::decode(op, &self.buf) {
             Ok(Response::Error { code, message }) => Err(ClientError::Status(tonic::Status::new(
                 tonic::Code::from(i32::from(code)),
                 message,
             ))),
             Ok(r) => Ok(r),
             Err(e) => Err(ClientError::Protocol(e.to_string())),
-        })
+        }
+    }
+}
+
+/// Whether the stream is still in step after an exchange that ended with `r`.
+fn in_step<T>(r: &Result<T>) -> bool {
+    matches!(r, Ok(_) | Err(ClientError::Status(_)))
+}
+
+impl SessionConn {
+    /// Sends `req` and reads its response; `None` when the connection is out of step.
+    async fn call(&self, req: &Request<'_>) -> Option<Result<Response>> {
+        let mut st = self.0.lock().await;
+        if !st.in_step {
+            return None;
+        }
+        st.in_step = false;
+        let r = match st.send(req).await {
+            Ok(()) => st.recv(req.op()).await,
+            Err(e) => Err(e),
+        };
+        st.in_step = in_step(&r);
+        Some(r)
     }
 }
 
@@ -536,6 +557,11 @@ impl Client {
                 ttl: p.ttl,
             })
             .collect();
+        if self.options.fast_path
+            && let Some(r) = self.put_many_fast(&items, puts).await
+        {
+            return r;
+        }
         let slots = self.reserve(&items).await?;
         // Write and commit in groups, each commit in flight while the next group is written:
         // the agent's copy into the arena then overlaps the client's copy into staging.
@@ -578,6 +604,119 @@ impl Client {
             .collect())
     }
 
+    /// `put_many` over the session connection, pipelined: one reserve, then each group's
+    /// commit is sent as soon as its values are in staging, and the responses are read at the
+    /// end, so the agent copies one group while this client writes the next. `None` when the
+    /// connection is out of step.
+    async fn put_many_fast(
+        &self,
+        items: &[Reserve<'_>],
+        puts: &[Put<'_>],
+    ) -> Option<Result<Vec<PutOutcome>>> {
+        let mut st = self.shared.conn.0.lock().await;
+        if !st.in_step {
+            return None;
+        }
+        st.in_step = false;
+        let r = self.put_pipelined(&mut st, items, puts).await;
+        st.in_step = in_step(&r);
+        Some(r)
+    }
+
+    async fn put_pipelined(
+        &self,
+        st: &mut ConnState,
+        items: &[Reserve<'_>],
+        puts: &[Put<'_>],
+    ) -> Result<Vec<PutOutcome>> {
+        let req = Request::Reserve(
+            items
+                .iter()
+                .map(|r| ReserveItem {
+                    key: r.key,
+                    value_len: r.value_len,
+                    metadata: r.metadata,
+                    ttl_ms: r.ttl.map_or(0, |t| t.as_millis().max(1) as u64),
+                    overwrite: false,
+                })
+                .collect(),
+        );
+        st.send(&req).await?;
+        let Response::Reserve(slots) = st.recv(op::RESERVE).await? else {
+            return Err(ClientError::Protocol(
+                "mismatched fast-path response".into(),
+            ));
+        };
+        if slots.len() != puts.len() {
+            return Err(ClientError::Protocol(
+                "reserve answered the wrong number of items".into(),
+            ));
+        }
+        let slots: Vec<Option<Slot>> = slots
+            .into_iter()
+            .zip(puts)
+            .map(|(s, p)| {
+                s.map(|(id, off)| self.slot(id, off, p.value.len()))
+                    .transpose()
+            })
+            .collect::<Result<_>>()?;
+        let mut sent = 0;
+        let mut group = Vec::new();
+        let mut group_bytes = 0;
+        let last = slots.iter().rposition(Option::is_some);
+        for (i, (slot, p)) in slots.iter().zip(puts).enumerate() {
+            let Some(slot) = slot else { continue };
+            self.write_slot(slot, 0, p.value)?;
+            group.push((slot.id, self.options.verify_puts.then(|| checksum(p.value))));
+            group_bytes += p.value.len();
+            if group_bytes >= PIPELINE_BYTES || Some(i) == last {
+                st.send(&Request::Commit(std::mem::take(&mut group)))
+                    .await?;
+                sent += 1;
+                group_bytes = 0;
+            }
+        }
+        // Read every response, even after a refusal, so the stream stays in step.
+        let mut committed = Vec::with_capacity(slots.len());
+        let mut refused = None;
+        for _ in 0..sent {
+            match st.recv(op::COMMIT).await {
+                Ok(Response::Commit(c)) => committed.extend(c),
+                Ok(_) => {
+                    return Err(ClientError::Protocol(
+                        "mismatched fast-path response".into(),
+                    ));
+                }
+                Err(e @ ClientError::Status(_)) => refused = refused.or(Some(e)),
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some(e) = refused {
+            return Err(e);
+        }
+        let mut it = committed.into_iter();
+        Ok(slots
+            .iter()
+            .map(|s| match s {
+                Some(_) if it.next().unwrap_or(true) => PutOutcome::Stored,
+                Some(_) => PutOutcome::ChecksumMismatch,
+                None => PutOutcome::Exists,
+            })
+            .collect())
+    }
+
+    /// A slot at `offset` of `len` bytes, checked against the staging area.
+    fn slot(&self, id: u64, offset: u64, len: usize) -> Result<Slot> {
+        let offset = offset as usize;
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > self.shared.staging.len())
+        {
+            return Err(ClientError::Protocol("staging slot out of bounds".into()));
+        }
+        Ok(Slot { id, offset, len })
+    }
+
     /// Reserves staging slots; `None` for keys already cached.
     ///
     /// # Errors
@@ -611,21 +750,13 @@ impl Client {
             .zip(items)
             .map(
                 |(res, item)| match v1::ReserveStatus::try_from(res.status) {
-                    Ok(v1::ReserveStatus::Reserved) => {
-                        let offset = res.staging_offset as usize;
-                        let len = item.value_len as usize;
-                        if offset
-                            .checked_add(len)
-                            .is_none_or(|end| end > self.shared.staging.len())
-                        {
-                            return Err(ClientError::Protocol("staging slot out of bounds".into()));
-                        }
-                        Ok(Some(Slot {
-                            id: res.reservation_id,
-                            offset,
-                            len,
-                        }))
-                    }
+                    Ok(v1::ReserveStatus::Reserved) => self
+                        .slot(
+                            res.reservation_id,
+                            res.staging_offset,
+                            item.value_len as usize,
+                        )
+                        .map(Some),
                     Ok(v1::ReserveStatus::Exists) => Ok(None),
                     _ => Err(ClientError::Protocol(format!(
                         "unknown reserve status {}",

@@ -9,7 +9,9 @@ use nencache_api::{
     attach::{HELLO_HEADER_LEN, Hello, Reply, send_with_fds, status},
     frame::{self, Found, Request, Response},
 };
-use nencache_engine::{Engine, SessionId};
+use std::time::Duration;
+
+use nencache_engine::{Committed, Engine, PutItem, Reserved, SessionId};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt, Interest},
     net::{UnixListener, UnixStream},
@@ -264,6 +266,35 @@ fn handle(engine: &Engine, session: SessionId, req: Request<'_>) -> (&'static st
             "session_release",
             engine.release(session, &ids).map(|()| Response::Release),
         ),
+        Request::Reserve(items) => {
+            let items: Vec<PutItem<'_>> = items
+                .iter()
+                .map(|i| PutItem {
+                    key: i.key,
+                    value_len: i.value_len,
+                    metadata: i.metadata,
+                    ttl: (i.ttl_ms > 0).then(|| Duration::from_millis(i.ttl_ms)),
+                    overwrite: i.overwrite,
+                })
+                .collect();
+            let r = engine.reserve(session, &items).map(|rs| {
+                Response::Reserve(
+                    rs.into_iter()
+                        .map(|r| match r {
+                            Reserved::Space { id, staging_offset } => Some((id, staging_offset)),
+                            Reserved::Exists => None,
+                        })
+                        .collect(),
+                )
+            });
+            ("session_reserve", r)
+        }
+        Request::Commit(items) => {
+            // The commit copies values into the arena: keep that off the reactor.
+            let r = tokio::task::block_in_place(|| engine.commit(session, &items))
+                .map(|cs| Response::Commit(cs.into_iter().map(|c| c == Committed::Done).collect()));
+            ("session_commit", r)
+        }
     };
     let resp = r.unwrap_or_else(|e| {
         let s = status_of(&e);

@@ -707,7 +707,7 @@ async fn admin_endpoint_serves_health_and_metrics() {
         "nencache_agent_misses_total 1",
         "nencache_agent_rpc_duration_seconds_bucket{le=",
         "method=\"session_get\"",
-        "method=\"commit\"",
+        "method=\"session_commit\"",
         "nencache_agent_tier_used_bytes{tier=\"host\"} 4096",
         "nencache_agent_leases",
     ] {
