@@ -6,7 +6,10 @@
 //!
 //! ```text
 //! request   len u32 | op u8 | body              (len counts op and body)
-//!   LOOKUP, GET   n u16 | n × (key_len u16 | key)
+//!   LOOKUP        n u16 | n × (key_len u16 | key)
+//!   GET           n u16 | n × (key_len u16 | key) | m u16 | m × lease u64
+//!                 (the m leases are released first: a reader returns the previous batch's
+//!                 leases in the same round trip that fetches the next)
 //!   RELEASE       n u16 | n × lease u64
 //!   RESERVE       n u16 | n × (key_len u16 | key | value_len u64 | meta_len u16 | meta
 //!                              | ttl_ms u64 | overwrite u8)
@@ -71,8 +74,8 @@ pub const INVALID_ARGUMENT: u8 = 3;
 pub enum Request<'a> {
     /// Keys of a prompt, in order.
     Lookup(Vec<&'a [u8]>),
-    /// Keys to lease.
-    Get(Vec<&'a [u8]>),
+    /// Keys to lease, and leases to release first.
+    Get(Vec<&'a [u8]>, Vec<u64>),
     /// Leases to release.
     Release(Vec<u64>),
     /// Puts to reserve.
@@ -166,6 +169,11 @@ impl<'a> Reader<'a> {
         }
     }
 
+    fn ids(&mut self) -> Result<Vec<u64>, AttachError> {
+        let n = usize::from(self.u16()?);
+        (0..n).map(|_| self.u64()).collect()
+    }
+
     fn keys(&mut self) -> Result<Vec<&'a [u8]>, AttachError> {
         let n = usize::from(self.u16()?);
         let mut keys = Vec::with_capacity(n);
@@ -189,6 +197,13 @@ fn finish(out: &mut [u8], at: usize) {
     out[at..at + 4].copy_from_slice(&len.to_le_bytes());
 }
 
+fn put_ids(out: &mut Vec<u8>, ids: &[u64]) {
+    out.extend_from_slice(&(ids.len() as u16).to_le_bytes());
+    for id in ids {
+        out.extend_from_slice(&id.to_le_bytes());
+    }
+}
+
 fn put_keys(out: &mut Vec<u8>, keys: &[&[u8]]) {
     out.extend_from_slice(&(keys.len() as u16).to_le_bytes());
     for k in keys {
@@ -203,7 +218,7 @@ impl Request<'_> {
     pub fn op(&self) -> u8 {
         match self {
             Self::Lookup(_) => op::LOOKUP,
-            Self::Get(_) => op::GET,
+            Self::Get(..) => op::GET,
             Self::Release(_) => op::RELEASE,
             Self::Reserve(_) => op::RESERVE,
             Self::Commit(_) => op::COMMIT,
@@ -215,13 +230,12 @@ impl Request<'_> {
     pub fn encode(&self, out: &mut Vec<u8>) {
         let at = begin(out, self.op());
         match self {
-            Self::Lookup(keys) | Self::Get(keys) => put_keys(out, keys),
-            Self::Release(ids) => {
-                out.extend_from_slice(&(ids.len() as u16).to_le_bytes());
-                for id in ids {
-                    out.extend_from_slice(&id.to_le_bytes());
-                }
+            Self::Lookup(keys) => put_keys(out, keys),
+            Self::Get(keys, ids) => {
+                put_keys(out, keys);
+                put_ids(out, ids);
             }
+            Self::Release(ids) => put_ids(out, ids),
             Self::Reserve(items) => {
                 out.extend_from_slice(&(items.len() as u16).to_le_bytes());
                 for it in items {
@@ -256,11 +270,8 @@ impl<'a> Request<'a> {
         let mut r = Reader(body);
         let req = match r.u8()? {
             op::LOOKUP => Self::Lookup(r.keys()?),
-            op::GET => Self::Get(r.keys()?),
-            op::RELEASE => {
-                let n = usize::from(r.u16()?);
-                Self::Release((0..n).map(|_| r.u64()).collect::<Result<_, _>>()?)
-            }
+            op::GET => Self::Get(r.keys()?, r.ids()?),
+            op::RELEASE => Self::Release(r.ids()?),
             op::RESERVE => {
                 let n = usize::from(r.u16()?);
                 let mut items = Vec::with_capacity(n);
@@ -434,7 +445,8 @@ mod tests {
     fn requests_roundtrip() {
         for req in [
             Request::Lookup(vec![b"a", b"bcd"]),
-            Request::Get(vec![]),
+            Request::Get(vec![], vec![]),
+            Request::Get(vec![b"k"], vec![3, 4]),
             Request::Release(vec![1, u64::MAX]),
             Request::Reserve(vec![ReserveItem {
                 key: b"k",

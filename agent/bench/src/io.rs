@@ -48,6 +48,9 @@ pub struct IoArgs {
     /// Skip Redis.
     #[arg(long)]
     pub no_redis: bool,
+    /// Rounds each throughput case is split into, taking turns with the others.
+    #[arg(long, default_value_t = 4)]
+    pub rounds: usize,
     /// Host arena of the agent started by the bench, in MiB.
     #[arg(long, default_value_t = 2048)]
     pub host_mib: u64,
@@ -74,6 +77,14 @@ impl Stat {
         self.bytes += o.bytes;
         self.ops += o.ops;
         self.secs = self.secs.max(o.secs);
+        let _ = self.lat.add(&o.lat);
+    }
+
+    /// Adds a later, sequential measurement of the same case.
+    fn append(&mut self, o: &Self) {
+        self.bytes += o.bytes;
+        self.ops += o.ops;
+        self.secs += o.secs;
         let _ = self.lat.add(&o.lat);
     }
 
@@ -514,29 +525,33 @@ pub fn run(a: &IoArgs) -> anyhow::Result<()> {
     for &size in &a.sizes {
         let batch = (a.batch_bytes / size).max(1);
         for &threads in &a.threads {
-            let put = nencache_put(&socket, threads, size, batch, a.seconds)?;
             // Enough distinct keys per thread for a few batches, within a third of the arena.
             let budget = (a.host_mib as usize) << 20;
             let per_thread = (batch * 2).min(budget / 3 / size / threads).max(1);
             let ns = format!("get-{size}-{threads}");
-            nencache_fill(&socket, &ns, threads, size, per_thread)?;
-            let memcpy = memcpy_case(size, per_thread * size, a.seconds)?;
-            let get = nencache_get(
-                &socket,
-                &ns,
-                threads,
-                size,
-                batch.min(per_thread),
-                per_thread,
-                a.seconds,
-                None,
-            )?;
-            let (rset, rget) = match &redis {
-                Some((_, rs)) => (
-                    Some(redis_case(rs, threads, size, a.seconds, false, None)?),
-                    Some(redis_case(rs, threads, size, a.seconds, true, None)?),
-                ),
-                None => (None, None),
+            // The cases take turns in short rounds, so that a noisy moment on a shared machine
+            // falls on all of them alike instead of skewing one ratio.
+            let slice = a.seconds / a.rounds as f64;
+            let (mut memcpy, mut put, mut get) = (Stat::new(), Stat::new(), Stat::new());
+            let (mut rset, mut rget) = (Stat::new(), Stat::new());
+            for _ in 0..a.rounds {
+                memcpy.append(&memcpy_case(size, per_thread * size, slice)?);
+                put.append(&nencache_put(&socket, threads, size, batch, slice)?);
+                // Puts evict: (re)fill what the gets read.
+                nencache_fill(&socket, &ns, threads, size, per_thread)?;
+                let g = batch.min(per_thread);
+                get.append(&nencache_get(
+                    &socket, &ns, threads, size, g, per_thread, slice, None,
+                )?);
+                if let Some((_, rs)) = &redis {
+                    rset.append(&redis_case(rs, threads, size, slice, false, None)?);
+                    rget.append(&redis_case(rs, threads, size, slice, true, None)?);
+                }
+            }
+            let (rset, rget) = if redis.is_some() {
+                (Some(rset), Some(rget))
+            } else {
+                (None, None)
             };
             let opt = |s: &Option<Stat>| {
                 s.as_ref()

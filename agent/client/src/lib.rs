@@ -834,7 +834,13 @@ impl Client {
     /// # Errors
     /// The agent's refusal (an invalid key, too many leases) or a transport error.
     pub async fn get(&self, keys: &[&[u8]]) -> Result<Vec<Option<Value>>> {
-        let found: Vec<Option<Found>> = match self.fast(&Request::Get(keys.to_vec())).await {
+        // Leases of dropped values ride along with the next get instead of a call of their own.
+        let done = std::mem::take(&mut *self.shared.releases.pending.lock());
+        let fast = self.fast(&Request::Get(keys.to_vec(), done.clone())).await;
+        if fast.is_none() && !done.is_empty() {
+            self.shared.releases.pending.lock().extend(done);
+        }
+        let found: Vec<Option<Found>> = match fast {
             Some(r) => {
                 let Response::Get(items) = r? else {
                     return Err(ClientError::Protocol(

@@ -244,23 +244,26 @@ fn handle(engine: &Engine, session: SessionId, req: Request<'_>) -> (&'static st
                 .lookup(&keys)
                 .map(|l| Response::Lookup(l.tiers.into_iter().map(|t| tier(t) as u8).collect())),
         ),
-        Request::Get(keys) => (
+        Request::Get(keys, release) => (
             "session_get",
-            engine.get(session, &keys).map(|ls| {
-                Response::Get(
-                    ls.into_iter()
-                        .map(|l| {
-                            l.map(|l| Found {
-                                lease: l.id,
-                                offset: l.offset,
-                                len: l.len,
-                                tier: tier(l.tier) as u8,
-                                metadata: l.metadata,
+            engine
+                .release(session, &release)
+                .and_then(|()| engine.get(session, &keys))
+                .map(|ls| {
+                    Response::Get(
+                        ls.into_iter()
+                            .map(|l| {
+                                l.map(|l| Found {
+                                    lease: l.id,
+                                    offset: l.offset,
+                                    len: l.len,
+                                    tier: tier(l.tier) as u8,
+                                    metadata: l.metadata,
+                                })
                             })
-                        })
-                        .collect(),
-                )
-            }),
+                            .collect(),
+                    )
+                }),
         ),
         Request::Release(ids) => (
             "session_release",
