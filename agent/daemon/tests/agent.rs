@@ -88,6 +88,10 @@ impl TestAgent {
         line[start..].split('"').next().unwrap().to_string()
     }
 
+    fn attach_path(&self) -> PathBuf {
+        self.socket.with_extension("sock.attach")
+    }
+
     async fn client(&self) -> Client {
         Client::connect(&self.socket).await.unwrap()
     }
@@ -107,6 +111,29 @@ impl Drop for TestAgent {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Attaches by hand, as a client library would: hello, then the reply with descriptors.
+fn raw_attach(
+    agent: &TestAgent,
+) -> (
+    std::os::unix::net::UnixStream,
+    Reply,
+    Vec<std::os::fd::OwnedFd>,
+) {
+    let mut s = std::os::unix::net::UnixStream::connect(agent.attach_path()).unwrap();
+    s.write_all(
+        &Hello {
+            version: PROTOCOL_VERSION,
+            tenant: String::new(),
+        }
+        .encode(),
+    )
+    .unwrap();
+    let mut buf = vec![0u8; 512];
+    let mut fds = Vec::new();
+    let n = attach::recv_with_fds(s.as_fd(), &mut buf, &mut fds).unwrap();
+    (s, Reply::decode(&buf[..n]).unwrap(), fds)
 }
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
@@ -222,20 +249,8 @@ async fn malformed_fast_path_frames_end_only_that_session() {
         &b"\x03\x00\x00\x00\x09\x00\x00"[..],
         &b"\xff\xff\xff\x7f"[..],
     ] {
-        let mut s =
-            std::os::unix::net::UnixStream::connect(agent.socket.with_extension("sock.attach"))
-                .unwrap();
-        s.write_all(
-            &Hello {
-                version: PROTOCOL_VERSION,
-                tenant: String::new(),
-            }
-            .encode(),
-        )
-        .unwrap();
-        let mut buf = vec![0u8; 512];
-        let n = attach::recv_with_fds(s.as_fd(), &mut buf, &mut Vec::new()).unwrap();
-        assert_eq!(Reply::decode(&buf[..n]).unwrap().status, attach::status::OK);
+        let (mut s, reply, _fds) = raw_attach(&agent);
+        assert_eq!(reply.status, attach::status::OK);
         s.write_all(frame).unwrap();
         let mut resp = Vec::new();
         s.read_to_end(&mut resp).unwrap();
@@ -427,8 +442,7 @@ async fn malformed_requests_are_refused_and_the_agent_keeps_serving() {
         "{code:?}"
     );
     // A garbage attach hello.
-    let mut a = std::os::unix::net::UnixStream::connect(agent.socket.with_extension("sock.attach"))
-        .unwrap();
+    let mut a = std::os::unix::net::UnixStream::connect(agent.attach_path()).unwrap();
     a.write_all(b"NOTMAGIC\x01\x00\x00\x00\x00\x00").unwrap();
     let mut buf = vec![0u8; 512];
     let n = a.read(&mut buf).unwrap();
@@ -443,20 +457,7 @@ async fn malformed_requests_are_refused_and_the_agent_keeps_serving() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_arena_is_read_only_to_clients() {
     let agent = TestAgent::start(&[]);
-    let mut s = std::os::unix::net::UnixStream::connect(agent.socket.with_extension("sock.attach"))
-        .unwrap();
-    s.write_all(
-        &Hello {
-            version: PROTOCOL_VERSION,
-            tenant: String::new(),
-        }
-        .encode(),
-    )
-    .unwrap();
-    let mut buf = vec![0u8; 512];
-    let mut fds = Vec::new();
-    let n = attach::recv_with_fds(s.as_fd(), &mut buf, &mut fds).unwrap();
-    let reply = Reply::decode(&buf[..n]).unwrap();
+    let (_s, reply, mut fds) = raw_attach(&agent);
     assert_eq!(reply.status, attach::status::OK);
     assert_eq!(fds.len(), 2);
     let arena = std::fs::File::from(fds.remove(0));
