@@ -16,14 +16,17 @@ use std::{
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::{Arc, Barrier},
+    sync::{
+        Arc, Barrier,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
 use clap::Args;
 use hdrhistogram::Histogram;
-use nencache_client::{Client, Put};
+use nencache_client::{Client, ClientOptions, Put, PutOutcome};
 
 use crate::resp::Redis;
 
@@ -207,14 +210,60 @@ fn start_redis(dir: &Path) -> anyhow::Result<(Proc, PathBuf)> {
     Ok((Proc(child), socket))
 }
 
+/// A page-aligned buffer of `len` bytes filled with `fill`. Every buffer a case copies from or
+/// into is page-aligned, as arena values are (and as pinned host buffers for GPU copies are),
+/// so that alignment does not differ between the cases compared.
+fn page_aligned(len: usize, fill: u8) -> AlignedBuf {
+    let layout = std::alloc::Layout::from_size_align(len.max(1), 4096).expect("layout");
+    // SAFETY: the layout has a non-zero size.
+    let ptr = unsafe { std::alloc::alloc(layout) };
+    assert!(!ptr.is_null(), "out of memory");
+    // SAFETY: `ptr` is valid for `len` bytes, freshly allocated.
+    unsafe { ptr.write_bytes(fill, len) };
+    AlignedBuf { ptr, len, layout }
+}
+
+/// A page-aligned heap buffer.
+struct AlignedBuf {
+    ptr: *mut u8,
+    len: usize,
+    layout: std::alloc::Layout,
+}
+
+// SAFETY: the buffer is uniquely owned, like a Vec<u8>.
+unsafe impl Send for AlignedBuf {}
+
+impl std::ops::Deref for AlignedBuf {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `ptr` is valid and initialised for `len` bytes while `self` lives.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl std::ops::DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and `&mut self` makes the access unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `page_aligned` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) };
+    }
+}
+
 /// Copies values of `size` bytes from a rotating pool of `pool_bytes` into one destination,
 /// as the get cases read rotating keys into one client buffer (so neither runs from cache
 /// when the other would not).
 fn memcpy_case(size: usize, pool_bytes: usize, secs: f64) -> anyhow::Result<Stat> {
-    let pool: Vec<Vec<u8>> = (0..(pool_bytes / size).max(1))
-        .map(|i| vec![i as u8; size])
+    let pool: Vec<AlignedBuf> = (0..(pool_bytes / size).max(1))
+        .map(|i| page_aligned(size, i as u8))
         .collect();
-    let mut dst = vec![0u8; size];
+    let mut dst = page_aligned(size, 0);
     let mut i = 0;
     timed(secs, || {
         i = (i + 1) % pool.len();
@@ -265,20 +314,25 @@ fn key(ns: &str, t: usize, i: usize) -> Vec<u8> {
     format!("bench/{ns}/t{t}/k{i}").into_bytes()
 }
 
+/// Puts under keys no earlier call used; counts only values actually stored (a key found
+/// already cached would cost no copy).
 fn nencache_put(
     socket: &Path,
     threads: usize,
     size: usize,
     batch: usize,
     secs: f64,
+    verify: bool,
 ) -> anyhow::Result<Stat> {
-    let ns = format!("put-{size}-{threads}");
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    let ns = format!("put-{}", CALLS.fetch_add(1, Ordering::Relaxed));
     let socket = socket.to_path_buf();
     on_threads(threads, None, move |t, barrier| {
         let rt = runtime()?;
         rt.block_on(async {
-            let c = Client::connect(&socket).await?;
-            let value = vec![(t as u8).wrapping_add(1); size];
+            let opts = ClientOptions { verify_puts: verify, ..ClientOptions::default() };
+            let c = Client::connect_with(&socket, opts).await?;
+            let value = page_aligned(size, (t as u8).wrapping_add(1));
             let mut next = 0usize;
             barrier.wait();
             let mut s = Stat::new();
@@ -296,9 +350,10 @@ fn nencache_put(
                     })
                     .collect();
                 let t0 = Instant::now();
-                c.put_many(&puts).await?;
+                let outcomes = c.put_many(&puts).await?;
                 s.lat.record(t0.elapsed().as_nanos() as u64)?;
-                s.bytes += (batch * size) as u64;
+                let stored = outcomes.iter().filter(|o| **o == PutOutcome::Stored).count();
+                s.bytes += (stored * size) as u64;
                 s.ops += 1;
             }
             s.secs = start.elapsed().as_secs_f64();
@@ -347,7 +402,7 @@ fn nencache_get(
         rt.block_on(async {
             let c = Client::connect(&socket).await?;
             let keys: Vec<Vec<u8>> = (0..keys_per_thread).map(|i| key(&ns, t, i)).collect();
-            let mut buf = vec![0u8; size];
+            let mut buf = page_aligned(size, 0);
             let mut i = 0;
             barrier.wait();
             let mut s = Stat::new();
@@ -387,8 +442,8 @@ fn redis_case(
     let socket = socket.to_path_buf();
     on_threads(threads, pin, move |t, barrier| {
         let mut r = Redis::connect(&socket)?;
-        let value = vec![0x5au8; size];
-        let mut buf = vec![0u8; size];
+        let value = page_aligned(size, 0x5a);
+        let mut buf = page_aligned(size, 0);
         let keys: Vec<Vec<u8>> = (0..8).map(|i| key("redis", t, i)).collect();
         for k in &keys {
             r.set(k, &value)?;
@@ -519,9 +574,9 @@ pub fn run(a: &IoArgs) -> anyhow::Result<()> {
         "## Throughput (GB/s; ratios against the same run's single-thread memcpy and Redis)\n"
     );
     println!(
-        "| value | threads | memcpy | put | put/memcpy | get | get/memcpy | redis SET | redis GET | get/redis GET | get p50 µs | get p99 µs | redis GET p50 µs |"
+        "| value | threads | memcpy | put | put/memcpy | put, verified | get | get/memcpy | redis SET | redis GET | get/redis GET | get p50 µs | get p99 µs | redis GET p50 µs |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for &size in &a.sizes {
         let batch = (a.batch_bytes / size).max(1);
         for &threads in &a.threads {
@@ -533,10 +588,12 @@ pub fn run(a: &IoArgs) -> anyhow::Result<()> {
             // falls on all of them alike instead of skewing one ratio.
             let slice = a.seconds / a.rounds as f64;
             let (mut memcpy, mut put, mut get) = (Stat::new(), Stat::new(), Stat::new());
+            let mut put_verified = Stat::new();
             let (mut rset, mut rget) = (Stat::new(), Stat::new());
             for _ in 0..a.rounds {
                 memcpy.append(&memcpy_case(size, per_thread * size, slice)?);
-                put.append(&nencache_put(&socket, threads, size, batch, slice)?);
+                put.append(&nencache_put(&socket, threads, size, batch, slice, false)?);
+                put_verified.append(&nencache_put(&socket, threads, size, batch, slice, true)?);
                 // Puts evict: (re)fill what the gets read.
                 nencache_fill(&socket, &ns, threads, size, per_thread)?;
                 let g = batch.min(per_thread);
@@ -558,11 +615,12 @@ pub fn run(a: &IoArgs) -> anyhow::Result<()> {
                     .map_or("-".into(), |s| format!("{:.2}", s.gbps()))
             };
             println!(
-                "| {} | {threads} | {:.2} | {:.2} | {:.2}x | {:.2} | {:.2}x | {} | {} | {} | {:.0} | {:.0} | {} |",
+                "| {} | {threads} | {:.2} | {:.2} | {:.2}x | {:.2} | {:.2} | {:.2}x | {} | {} | {} | {:.0} | {:.0} | {} |",
                 human(size),
                 memcpy.gbps(),
                 put.gbps(),
                 put.gbps() / memcpy.gbps(),
+                put_verified.gbps(),
                 get.gbps(),
                 get.gbps() / memcpy.gbps(),
                 opt(&rset),
