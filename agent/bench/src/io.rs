@@ -330,7 +330,10 @@ fn nencache_put(
     on_threads(threads, None, move |t, barrier| {
         let rt = runtime()?;
         rt.block_on(async {
-            let opts = ClientOptions { verify_puts: verify, ..ClientOptions::default() };
+            let opts = ClientOptions {
+                verify_puts: verify,
+                ..ClientOptions::default()
+            };
             let c = Client::connect_with(&socket, opts).await?;
             let value = page_aligned(size, (t as u8).wrapping_add(1));
             let mut next = 0usize;
@@ -352,7 +355,10 @@ fn nencache_put(
                 let t0 = Instant::now();
                 let outcomes = c.put_many(&puts).await?;
                 s.lat.record(t0.elapsed().as_nanos() as u64)?;
-                let stored = outcomes.iter().filter(|o| **o == PutOutcome::Stored).count();
+                let stored = outcomes
+                    .iter()
+                    .filter(|o| **o == PutOutcome::Stored)
+                    .count();
                 s.bytes += (stored * size) as u64;
                 s.ops += 1;
             }

@@ -11,6 +11,7 @@ use std::{
     os::{fd::AsFd, unix::fs::PermissionsExt},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -714,4 +715,59 @@ async fn admin_endpoint_serves_health_and_metrics() {
     ] {
         assert!(m.contains(needle), "metrics lack {needle}:\n{m}");
     }
+}
+
+/// A real OTLP/gRPC trace collector on loopback that counts the spans it receives.
+#[derive(Default, Clone)]
+struct Collector(Arc<parking_lot::Mutex<Vec<String>>>);
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+    for Collector
+{
+    async fn export(
+        &self,
+        req: tonic::Request<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
+        >,
+        tonic::Status,
+    > {
+        let names = req
+            .into_inner()
+            .resource_spans
+            .into_iter()
+            .flat_map(|r| r.scope_spans)
+            .flat_map(|s| s.spans)
+            .map(|s| s.name);
+        self.0.lock().extend(names);
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn traces_are_exported_over_otlp() {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let collector = Collector::default();
+    let server = tonic::transport::Server::builder()
+        .add_service(TraceServiceServer::new(collector.clone()))
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+    let server = tokio::spawn(server);
+    let mut agent = TestAgent::start(&["--otlp-endpoint", &endpoint]);
+    let c = agent.client().await;
+    c.stats().await.unwrap();
+    drop(c);
+    // Shutdown flushes the batch exporter.
+    assert!(agent.terminate().success());
+    let spans = collector.0.lock().clone();
+    assert!(
+        spans.iter().any(|n| n == "grpc"),
+        "spans received: {spans:?}"
+    );
+    server.abort();
 }
