@@ -492,6 +492,17 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Whatever bytes arrive, decoding returns a value or an error and never panics.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let _ = Request::decode(&bytes);
+            for op in [op::LOOKUP, op::GET, op::RELEASE, op::RESERVE, op::COMMIT, 0, 200] {
+                let _ = Response::decode(op, &bytes);
+            }
+        }
+    }
+
     #[test]
     fn malformed_frames_are_rejected() {
         assert!(Request::decode(&[]).is_err());

@@ -225,7 +225,9 @@ pub struct AgentInfo {
     pub limits: v1::Limits,
 }
 
-/// A connected client with an attached session. Cheap to clone; clones share the session.
+/// A connected client with an attached session. Cheap to clone; clones share the session and
+/// its connection, whose fast-path calls run one at a time: for parallel streams of calls,
+/// connect one client per stream.
 #[derive(Debug, Clone)]
 pub struct Client {
     grpc: NodeCacheClient<Channel>,
