@@ -1,0 +1,398 @@
+//! The pure part of reconciling a `NenCacheCluster`: [`validate`] checks the spec and turns
+//! sizes into bytes, [`build`] makes every object the cluster owns. Nothing here talks to the
+//! API server, so the whole mapping is tested from YAML fixtures.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::{
+        apps::v1::{DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, RollingUpdateDaemonSet},
+        core::v1::{
+            Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort,
+            HTTPGetAction, HostPathVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec,
+            Probe, ResourceRequirements, SeccompProfile, SecurityContext, Service, ServiceAccount,
+            ServicePort, ServiceSpec, Volume, VolumeMount,
+        },
+    },
+    apimachinery::pkg::{
+        api::resource::Quantity,
+        apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference},
+        util::intstr::IntOrString,
+    },
+};
+use kube::{Resource, ResourceExt};
+
+use crate::crd::NenCacheCluster;
+
+/// Field manager used for server-side apply.
+pub const FIELD_MANAGER: &str = "nencache-operator";
+/// Path of the agent's configuration file inside its container.
+pub const CONFIG_PATH: &str = "/etc/nencache/agent.yaml";
+/// User the agent runs as.
+pub const AGENT_UID: i64 = 65532;
+
+/// A spec the operator cannot run (reported as the `ConfigValid` condition).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    /// A size is not a Kubernetes quantity of bytes.
+    #[error("{field}: {value:?} is not a size (use e.g. 512Mi, 8Gi)")]
+    InvalidSize {
+        /// The field.
+        field: &'static str,
+        /// The value.
+        value: String,
+    },
+    /// A size is out of range.
+    #[error("{field}: {value} is out of range ({reason})")]
+    SizeOutOfRange {
+        /// The field.
+        field: &'static str,
+        /// The value.
+        value: String,
+        /// Why.
+        reason: &'static str,
+    },
+    /// A feature the agent of this version does not provide.
+    #[error("{0} is not supported by this version of the agent yet")]
+    Unsupported(&'static str),
+    /// The socket directory is not an absolute path.
+    #[error("socketDir {0:?} must be an absolute path")]
+    SocketDir(String),
+}
+
+/// A spec checked and converted to what the agent needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Validated {
+    /// Host arena in bytes.
+    pub host_bytes: u64,
+    /// Staging area in bytes.
+    pub staging_bytes: u64,
+}
+
+/// Parses a Kubernetes quantity of bytes (`1073741824`, `512Mi`, `8Gi`, `1G`, `500M`).
+///
+/// # Errors
+/// When `value` is not such a quantity.
+pub fn parse_bytes(field: &'static str, value: &str) -> Result<u64, SpecError> {
+    let bad = || SpecError::InvalidSize {
+        field,
+        value: value.to_string(),
+    };
+    let v = value.trim();
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let mul: u64 = match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(mul).ok_or_else(bad)
+}
+
+/// Checks the spec.
+///
+/// # Errors
+/// The first problem found.
+pub fn validate(ncc: &NenCacheCluster) -> Result<Validated, SpecError> {
+    let spec = &ncc.spec;
+    let host_bytes = parse_bytes("tiers.host.size", &spec.tiers.host.size)?;
+    if host_bytes < 64 << 20 {
+        return Err(SpecError::SizeOutOfRange {
+            field: "tiers.host.size",
+            value: spec.tiers.host.size.clone(),
+            reason: "at least 64Mi",
+        });
+    }
+    if spec.tiers.gpu.is_some() {
+        return Err(SpecError::Unsupported("tiers.gpu"));
+    }
+    if spec.tiers.nvme.is_some() {
+        return Err(SpecError::Unsupported("tiers.nvme"));
+    }
+    if spec.tiers.disk.is_some() {
+        return Err(SpecError::Unsupported("tiers.disk"));
+    }
+    if spec.tiers.host.huge_pages {
+        return Err(SpecError::Unsupported("tiers.host.hugePages"));
+    }
+    if spec.compat.lm_port.is_some() || spec.compat.redis_port.is_some() {
+        return Err(SpecError::Unsupported("compat listeners"));
+    }
+    if spec.peers.enabled {
+        return Err(SpecError::Unsupported("peers"));
+    }
+    if !spec.socket_dir.starts_with('/') {
+        return Err(SpecError::SocketDir(spec.socket_dir.clone()));
+    }
+    // The agent's own default: a quarter of the arena, at most 256 MiB, at least 64 MiB.
+    let staging_bytes = (host_bytes / 4).clamp(64 << 20, 256 << 20);
+    Ok(Validated {
+        host_bytes,
+        staging_bytes,
+    })
+}
+
+/// Everything a cluster owns.
+#[derive(Debug, Clone)]
+pub struct Resources {
+    /// The agent's configuration file.
+    pub config_map: ConfigMap,
+    /// One agent per selected node.
+    pub daemon_set: DaemonSet,
+    /// Headless Service for peers and metrics.
+    pub service: Service,
+    /// The agents' identity.
+    pub service_account: ServiceAccount,
+}
+
+/// Name shared by the objects of cluster `name`.
+#[must_use]
+pub fn agent_name(name: &str) -> String {
+    format!("{name}-agent")
+}
+
+/// Labels selecting the agents of cluster `name`.
+#[must_use]
+pub fn selector_labels(name: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".into(), "nencache-agent".into()),
+        ("app.kubernetes.io/instance".into(), name.into()),
+    ])
+}
+
+fn labels(name: &str) -> BTreeMap<String, String> {
+    let mut l = selector_labels(name);
+    l.insert("app.kubernetes.io/managed-by".into(), FIELD_MANAGER.into());
+    l.insert("app.kubernetes.io/component".into(), "agent".into());
+    l
+}
+
+/// The agent configuration file (the agent's YAML schema; see docs/configuration.md).
+#[must_use]
+pub fn agent_config(ncc: &NenCacheCluster, v: &Validated) -> String {
+    let s = &ncc.spec;
+    format!(
+        "# Generated by nencache-operator from NenCacheCluster {name}.\n\
+         socket: {dir}/agent.sock\n\
+         admin_addr: 0.0.0.0:{port}\n\
+         log_format: json\n\
+         log_level: {level:?}\n\
+         host:\n  capacity: {host}\n  staging: {staging}\n  lock_memory: {lock}\n",
+        name = ncc.name_any(),
+        dir = s.socket_dir.trim_end_matches('/'),
+        port = s.metrics.port,
+        level = s.log_level,
+        host = v.host_bytes,
+        staging = v.staging_bytes,
+        lock = s.tiers.host.lock_memory,
+    )
+}
+
+fn meta(ncc: &NenCacheCluster, name: String) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: ncc.namespace(),
+        labels: Some(labels(&ncc.name_any())),
+        owner_references: owner(ncc).map(|o| vec![o]),
+        ..ObjectMeta::default()
+    }
+}
+
+fn owner(ncc: &NenCacheCluster) -> Option<OwnerReference> {
+    ncc.controller_owner_ref(&())
+}
+
+/// Builds every object of the cluster.
+#[must_use]
+pub fn build(ncc: &NenCacheCluster, v: &Validated) -> Resources {
+    let name = ncc.name_any();
+    let agent = agent_name(&name);
+    let config_map = ConfigMap {
+        metadata: meta(ncc, format!("{agent}-config")),
+        data: Some(BTreeMap::from([(
+            "agent.yaml".into(),
+            agent_config(ncc, v),
+        )])),
+        ..ConfigMap::default()
+    };
+    let service_account = ServiceAccount {
+        metadata: meta(ncc, agent.clone()),
+        ..ServiceAccount::default()
+    };
+    let port = i32::from(ncc.spec.metrics.port);
+    let service = Service {
+        metadata: meta(ncc, agent.clone()),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            selector: Some(selector_labels(&name)),
+            ports: Some(vec![ServicePort {
+                name: Some("metrics".into()),
+                port,
+                target_port: Some(IntOrString::Int(port)),
+                ..ServicePort::default()
+            }]),
+            publish_not_ready_addresses: Some(true),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    };
+    let daemon_set = DaemonSet {
+        metadata: meta(ncc, agent.clone()),
+        spec: DaemonSetSpec {
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(&name)),
+                ..LabelSelector::default()
+            },
+            update_strategy: Some(DaemonSetUpdateStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDaemonSet {
+                    max_unavailable: Some(IntOrString::Int(1)),
+                    ..RollingUpdateDaemonSet::default()
+                }),
+            }),
+            template: pod_template(ncc, v, &agent),
+            ..DaemonSetSpec::default()
+        },
+        ..DaemonSet::default()
+    };
+    Resources {
+        config_map,
+        daemon_set,
+        service,
+        service_account,
+    }
+}
+
+fn probe(path: &str, port: i32, period: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(port),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(3),
+        ..Probe::default()
+    }
+}
+
+/// Memory for the agent: arena + staging + 256 MiB for everything else.
+fn default_resources(v: &Validated) -> ResourceRequirements {
+    let mem = Quantity(format!(
+        "{}Mi",
+        (v.host_bytes + v.staging_bytes).div_ceil(1 << 20) + 256
+    ));
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".into(), Quantity("250m".into())),
+            ("memory".into(), mem.clone()),
+        ])),
+        limits: Some(BTreeMap::from([("memory".into(), mem)])),
+        ..ResourceRequirements::default()
+    }
+}
+
+fn pod_template(ncc: &NenCacheCluster, v: &Validated, agent: &str) -> PodTemplateSpec {
+    let s = &ncc.spec;
+    let port = i32::from(s.metrics.port);
+    let mut args = vec!["serve".to_string(), "--config".into(), CONFIG_PATH.into()];
+    args.extend(s.args.iter().cloned());
+    let add = s
+        .tiers
+        .host
+        .lock_memory
+        .then(|| vec!["IPC_LOCK".to_string()]);
+    let container = Container {
+        name: "agent".into(),
+        image: Some(s.image.clone()),
+        image_pull_policy: Some(s.image_pull_policy.as_str().into()),
+        args: Some(args),
+        env: (!s.env.is_empty()).then(|| s.env.clone()),
+        ports: Some(vec![ContainerPort {
+            name: Some("metrics".into()),
+            container_port: port,
+            ..ContainerPort::default()
+        }]),
+        readiness_probe: Some(probe("/readyz", port, 5)),
+        liveness_probe: Some(probe("/healthz", port, 10)),
+        resources: Some(s.resources.clone().unwrap_or_else(|| default_resources(v))),
+        security_context: Some(SecurityContext {
+            privileged: Some(false),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                add,
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "config".into(),
+                mount_path: "/etc/nencache".into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: "sockets".into(),
+                mount_path: s.socket_dir.clone(),
+                ..VolumeMount::default()
+            },
+        ]),
+        ..Container::default()
+    };
+    PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(labels(&ncc.name_any())),
+            ..ObjectMeta::default()
+        }),
+        spec: Some(PodSpec {
+            service_account_name: Some(agent.into()),
+            node_selector: Some(s.node_selector.clone()),
+            tolerations: (!s.tolerations.is_empty()).then(|| s.tolerations.clone()),
+            affinity: s.affinity.clone(),
+            priority_class_name: s.priority_class_name.clone(),
+            host_ipc: Some(false),
+            host_network: Some(false),
+            security_context: Some(PodSecurityContext {
+                run_as_user: Some(AGENT_UID),
+                run_as_group: Some(AGENT_UID),
+                fs_group: Some(AGENT_UID),
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".into(),
+                    ..SeccompProfile::default()
+                }),
+                ..PodSecurityContext::default()
+            }),
+            containers: vec![container],
+            volumes: Some(vec![
+                Volume {
+                    name: "config".into(),
+                    config_map: Some(ConfigMapVolumeSource {
+                        name: format!("{agent}-config"),
+                        ..ConfigMapVolumeSource::default()
+                    }),
+                    ..Volume::default()
+                },
+                Volume {
+                    name: "sockets".into(),
+                    host_path: Some(HostPathVolumeSource {
+                        path: s.socket_dir.clone(),
+                        type_: Some("DirectoryOrCreate".into()),
+                    }),
+                    ..Volume::default()
+                },
+            ]),
+            ..PodSpec::default()
+        }),
+    }
+}

@@ -1,0 +1,9 @@
+//! The NenCache Kubernetes operator.
+//!
+//! - [`crd`]: the `NenCacheCluster` resource, from which `crds/` is generated (`crdgen`);
+//! - [`build`]: the pure step of the reconcile pipeline (`validate -> build -> apply ->
+//!   status`): from a cluster resource to the ConfigMap, DaemonSet, headless Service and
+//!   ServiceAccount that run its agents, with no API calls, so it is unit-tested from YAML.
+
+pub mod build;
+pub mod crd;

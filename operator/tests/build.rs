@@ -1,0 +1,209 @@
+//! The pure build step, from YAML fixtures of `NenCacheCluster` to the objects it owns; and
+//! the generated CRD against the checked-in `crds/` file.
+
+// Helpers outside #[test] functions fail loudly too.
+#![allow(clippy::unwrap_used)]
+
+use kube::CustomResourceExt;
+use nencache_agent::config::ServeArgs;
+use nencache_operator::{
+    build::{SpecError, build, validate},
+    crd::{DEFAULT_IMAGE, NenCacheCluster},
+};
+
+fn fixture(name: &str) -> NenCacheCluster {
+    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    serde_yaml_ng::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn with_spec(yaml: &str) -> NenCacheCluster {
+    let mut ncc = fixture("minimal.yaml");
+    ncc.spec = serde_yaml_ng::from_str(yaml).unwrap();
+    ncc
+}
+
+#[test]
+fn minimal_spec_gets_gpu_nodes_defaults_and_a_locked_down_pod() {
+    let ncc = fixture("minimal.yaml");
+    let v = validate(&ncc).unwrap();
+    assert_eq!((v.host_bytes, v.staging_bytes), (1 << 30, 256 << 20));
+    let r = build(&ncc, &v);
+    let ds = &r.daemon_set;
+    assert_eq!(ds.metadata.name.as_deref(), Some("cache-agent"));
+    assert_eq!(ds.metadata.namespace.as_deref(), Some("inference"));
+    let owner = &ds.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str(), owner.controller),
+        ("NenCacheCluster", "cache", Some(true))
+    );
+    let pod = ds.spec.template.spec.as_ref().unwrap();
+    assert_eq!(
+        pod.node_selector.as_ref().unwrap()["nvidia.com/gpu.present"],
+        "true"
+    );
+    assert_eq!((pod.host_ipc, pod.host_network), (Some(false), Some(false)));
+    let c = &pod.containers[0];
+    assert_eq!(c.image.as_deref(), Some(DEFAULT_IMAGE));
+    let sc = c.security_context.as_ref().unwrap();
+    assert_eq!(sc.privileged, Some(false));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    let caps = sc.capabilities.as_ref().unwrap();
+    assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
+    assert_eq!(
+        caps.add, None,
+        "no capability without a feature that needs it"
+    );
+    let mem = &c.resources.as_ref().unwrap().limits.as_ref().unwrap()["memory"];
+    assert_eq!(mem.0, "1536Mi", "arena + staging + 256Mi");
+    let ru = ds
+        .spec
+        .update_strategy
+        .as_ref()
+        .unwrap()
+        .rolling_update
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        ru.max_unavailable,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1))
+    );
+    let sockets = pod
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "sockets")
+        .unwrap();
+    assert_eq!(sockets.host_path.as_ref().unwrap().path, "/run/nencache");
+    let svc = r.service.spec.as_ref().unwrap();
+    assert_eq!(svc.cluster_ip.as_deref(), Some("None"));
+    assert_eq!(svc.selector, ds.spec.selector.match_labels);
+    assert_eq!(
+        pod.service_account_name.as_deref(),
+        r.service_account.metadata.name.as_deref()
+    );
+}
+
+#[test]
+fn full_spec_is_carried_into_the_pod() {
+    let ncc = fixture("full.yaml");
+    let v = validate(&ncc).unwrap();
+    let r = build(&ncc, &v);
+    let pod = r.daemon_set.spec.template.spec.as_ref().unwrap();
+    let c = &pod.containers[0];
+    assert_eq!(
+        c.image.as_deref(),
+        Some("registry.example.com/nencache-agent:1.2.3")
+    );
+    assert_eq!(c.image_pull_policy.as_deref(), Some("Always"));
+    assert_eq!(
+        c.args.as_ref().unwrap(),
+        &[
+            "serve",
+            "--config",
+            "/etc/nencache/agent.yaml",
+            "--eviction",
+            "lru"
+        ]
+    );
+    assert_eq!(c.env.as_ref().unwrap()[0].name, "RUST_BACKTRACE");
+    let caps = c
+        .security_context
+        .as_ref()
+        .unwrap()
+        .capabilities
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        caps.add.as_deref(),
+        Some(&["IPC_LOCK".to_string()][..]),
+        "lockMemory needs IPC_LOCK"
+    );
+    assert_eq!(
+        pod.priority_class_name.as_deref(),
+        Some("system-node-critical")
+    );
+    assert_eq!(
+        pod.tolerations.as_ref().unwrap()[0].key.as_deref(),
+        Some("nvidia.com/gpu")
+    );
+    assert_eq!(pod.node_selector.as_ref().unwrap().len(), 1);
+    let probe = c
+        .readiness_probe
+        .as_ref()
+        .unwrap()
+        .http_get
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        probe.port,
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(9500)
+    );
+    assert_eq!(
+        r.service.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port,
+        9500
+    );
+}
+
+#[test]
+fn the_generated_agent_config_is_accepted_by_the_agent() {
+    for (name, capacity, lock) in [
+        ("minimal.yaml", 1u64 << 30, false),
+        ("full.yaml", 8 << 30, true),
+    ] {
+        let ncc = fixture(name);
+        let v = validate(&ncc).unwrap();
+        let r = build(&ncc, &v);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.yaml");
+        std::fs::write(&path, &r.config_map.data.as_ref().unwrap()["agent.yaml"]).unwrap();
+        let s = ServeArgs {
+            config: Some(path),
+            ..ServeArgs::default()
+        }
+        .resolve(None)
+        .unwrap();
+        assert_eq!(s.engine.capacity, capacity);
+        assert_eq!(s.engine.lock_memory, lock);
+        assert!(s.socket.starts_with(&ncc.spec.socket_dir));
+        assert_eq!(s.socket.file_name().unwrap(), "agent.sock");
+        assert_eq!(s.admin_addr.unwrap().port(), ncc.spec.metrics.port);
+    }
+}
+
+#[test]
+fn invalid_specs_are_refused_with_the_field_named() {
+    let cases = [
+        ("tiers: {host: {size: lots}}", "tiers.host.size"),
+        ("tiers: {host: {size: 1Mi}}", "at least 64Mi"),
+        (
+            "tiers: {nvme: {size: 1Ti, hostPath: /mnt/nvme}}",
+            "tiers.nvme",
+        ),
+        ("peers: {enabled: true, tlsSecret: peers-tls}", "peers"),
+        ("compat: {redisPort: 6379}", "compat"),
+        ("socketDir: run/nencache", "absolute"),
+    ];
+    for (spec, needle) in cases {
+        let err = validate(&with_spec(spec)).unwrap_err();
+        assert!(err.to_string().contains(needle), "{spec}: {err}");
+    }
+    assert!(matches!(
+        validate(&with_spec("tiers: {gpu: {size: 4Gi}}")),
+        Err(SpecError::Unsupported(_))
+    ));
+}
+
+#[test]
+fn checked_in_crd_matches_the_rust_types() {
+    let generated = serde_yaml_ng::to_string(&NenCacheCluster::crd()).unwrap();
+    let path = format!(
+        "{}/../crds/nencachecluster.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        generated == checked_in,
+        "crds/nencachecluster.yaml is stale: run `cargo run -p nencache-operator --bin crdgen > crds/nencachecluster.yaml`"
+    );
+}
