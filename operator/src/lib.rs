@@ -3,7 +3,9 @@
 //! - [`crd`]: the `NenCacheCluster` resource, from which `crds/` is generated (`crdgen`);
 //! - [`build`]: the pure step of the reconcile pipeline (`validate -> build -> apply ->
 //!   status`): from a cluster resource to the ConfigMap, DaemonSet, headless Service and
-//!   ServiceAccount that run its agents, with no API calls, so it is unit-tested from YAML.
+//!   ServiceAccount that run its agents, with no API calls, so it is unit-tested from YAML;
+//! - [`webhook`]: the pod-injection admission logic (review in, JSON patch out).
 
 pub mod build;
 pub mod crd;
+pub mod webhook;

@@ -1,0 +1,210 @@
+//! Pod injection: the mutating admission logic that gives pods labelled
+//! `nencache.io/inject: "true"` the node's agent socket. Pure: an admission review and the
+//! known clusters in, a JSON patch out; the HTTPS server around it is separate.
+//!
+//! An injected pod gets a hostPath volume of the cluster's socket directory, mounted at the
+//! same path in every container, and `NENCACHE_SOCKET` pointing at the agent's socket (a
+//! value the pod already sets is kept). Injection is idempotent: a pod that already has the
+//! volume is left alone. A labelled pod that cannot be injected (no cluster, or several and no
+//! `nencache.io/cluster` annotation naming one) is admitted unchanged except for a
+//! `nencache.io/skip-reason` annotation saying why.
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::{
+    ResourceExt,
+    core::{
+        DynamicObject,
+        admission::{AdmissionRequest, AdmissionResponse, AdmissionReview},
+    },
+};
+use serde_json::{Value, json};
+
+use crate::crd::NenCacheCluster;
+
+/// Label that asks for injection.
+pub const INJECT_LABEL: &str = "nencache.io/inject";
+/// Annotation naming the cluster (`name` or `namespace/name`) when there are several.
+pub const CLUSTER_ANNOTATION: &str = "nencache.io/cluster";
+/// Annotation recording why a labelled pod was not injected.
+pub const SKIP_ANNOTATION: &str = "nencache.io/skip-reason";
+/// Annotation recording which cluster a pod was injected for.
+pub const INJECTED_ANNOTATION: &str = "nencache.io/injected-by";
+/// Name of the socket volume added to pods.
+pub const SOCKET_VOLUME: &str = "nencache-socket";
+/// Environment variable naming the agent's socket.
+pub const SOCKET_ENV: &str = "NENCACHE_SOCKET";
+
+/// What to do with a pod.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Not labelled for injection, or already injected.
+    Ignore,
+    /// Labelled but not injectable, for this reason.
+    Skip(String),
+    /// Inject the socket of this cluster (`namespace/name`, socket directory).
+    Inject {
+        /// `namespace/name` of the cluster.
+        cluster: String,
+        /// The cluster's socket directory on the node.
+        socket_dir: String,
+    },
+}
+
+fn cluster_id(c: &NenCacheCluster) -> String {
+    format!("{}/{}", c.namespace().unwrap_or_default(), c.name_any())
+}
+
+/// Decides what to do with `pod` given the clusters that exist.
+#[must_use]
+pub fn decide(pod: &Pod, clusters: &[NenCacheCluster]) -> Decision {
+    if pod.labels().get(INJECT_LABEL).map(String::as_str) != Some("true") {
+        return Decision::Ignore;
+    }
+    let spec_volumes = pod.spec.as_ref().and_then(|s| s.volumes.as_ref());
+    if spec_volumes.is_some_and(|v| v.iter().any(|v| v.name == SOCKET_VOLUME)) {
+        return Decision::Ignore;
+    }
+    let pod_ns = pod.namespace().unwrap_or_default();
+    let chosen = match pod.annotations().get(CLUSTER_ANNOTATION) {
+        Some(want) => {
+            let (ns, name) = want
+                .split_once('/')
+                .unwrap_or((pod_ns.as_str(), want.as_str()));
+            match clusters
+                .iter()
+                .find(|c| c.name_any() == name && c.namespace().as_deref() == Some(ns))
+            {
+                Some(c) => c,
+                None => return Decision::Skip(format!("no NenCacheCluster {ns}/{name}")),
+            }
+        }
+        None => match clusters {
+            [] => return Decision::Skip("no NenCacheCluster exists".into()),
+            [one] => one,
+            _ => {
+                return Decision::Skip(format!(
+                    "{} NenCacheClusters exist; name one with the {CLUSTER_ANNOTATION} annotation",
+                    clusters.len()
+                ));
+            }
+        },
+    };
+    Decision::Inject {
+        cluster: cluster_id(chosen),
+        socket_dir: chosen.spec.socket_dir.trim_end_matches('/').to_string(),
+    }
+}
+
+/// JSON-pointer escaping of one path segment.
+fn escape(segment: &str) -> String {
+    segment.replace('~', "~0").replace('/', "~1")
+}
+
+fn annotate(pod: &Pod, key: &str, value: &str, ops: &mut Vec<Value>) {
+    if pod.metadata.annotations.is_none() {
+        ops.push(json!({"op": "add", "path": "/metadata/annotations", "value": {}}));
+    }
+    let path = format!("/metadata/annotations/{}", escape(key));
+    ops.push(json!({"op": "add", "path": path, "value": value}));
+}
+
+/// The JSON patch operations for `decision` on `pod` (empty for [`Decision::Ignore`]).
+#[must_use]
+pub fn patch_ops(pod: &Pod, decision: &Decision) -> Vec<Value> {
+    let mut ops = Vec::new();
+    match decision {
+        Decision::Ignore => {}
+        Decision::Skip(reason) => annotate(pod, SKIP_ANNOTATION, reason, &mut ops),
+        Decision::Inject {
+            cluster,
+            socket_dir,
+        } => {
+            let volume = json!({
+                "name": SOCKET_VOLUME,
+                "hostPath": {"path": socket_dir, "type": "DirectoryOrCreate"},
+            });
+            let spec = pod.spec.as_ref();
+            if spec.and_then(|s| s.volumes.as_ref()).is_none() {
+                ops.push(json!({"op": "add", "path": "/spec/volumes", "value": [volume]}));
+            } else {
+                ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": volume}));
+            }
+            let socket = format!("{socket_dir}/agent.sock");
+            let mount = json!({"name": SOCKET_VOLUME, "mountPath": socket_dir});
+            let env = json!({"name": SOCKET_ENV, "value": socket});
+            for (i, c) in spec
+                .map(|s| s.containers.as_slice())
+                .unwrap_or_default()
+                .iter()
+                .enumerate()
+            {
+                let base = format!("/spec/containers/{i}");
+                match &c.volume_mounts {
+                    None => ops.push(json!({"op": "add", "path": format!("{base}/volumeMounts"), "value": [mount]})),
+                    Some(_) => ops.push(json!({"op": "add", "path": format!("{base}/volumeMounts/-"), "value": mount})),
+                }
+                match &c.env {
+                    None => ops
+                        .push(json!({"op": "add", "path": format!("{base}/env"), "value": [env]})),
+                    Some(e) if e.iter().any(|v| v.name == SOCKET_ENV) => {}
+                    Some(_) => ops
+                        .push(json!({"op": "add", "path": format!("{base}/env/-"), "value": env})),
+                }
+            }
+            annotate(pod, INJECTED_ANNOTATION, cluster, &mut ops);
+        }
+    }
+    ops
+}
+
+/// The JSON the API server expects for `review`. kube's `AdmissionResponse` writes the patch
+/// bytes as an array of numbers (kube-rs issue 1781); the API server reads `[]byte` as base64,
+/// so the patch is re-encoded here.
+#[must_use]
+pub fn to_wire(review: &AdmissionReview<DynamicObject>) -> Value {
+    use base64::Engine;
+    let mut v = serde_json::to_value(review).unwrap_or(Value::Null);
+    if let Some(patch) = v.pointer_mut("/response/patch")
+        && let Value::Array(bytes) = patch
+    {
+        let raw: Vec<u8> = bytes
+            .iter()
+            .filter_map(Value::as_u64)
+            .map(|b| b as u8)
+            .collect();
+        *patch = Value::String(base64::engine::general_purpose::STANDARD.encode(raw));
+    }
+    v
+}
+
+/// Answers an admission review for a pod. Never denies: a pod that cannot be injected is
+/// admitted (with a skip reason), as `failurePolicy: Ignore` would admit it anyway.
+#[must_use]
+pub fn mutate(
+    review: AdmissionReview<Pod>,
+    clusters: &[NenCacheCluster],
+) -> AdmissionReview<DynamicObject> {
+    let req: AdmissionRequest<Pod> = match review.try_into() {
+        Ok(r) => r,
+        Err(e) => return AdmissionResponse::invalid(e.to_string()).into_review(),
+    };
+    let resp = AdmissionResponse::from(&req);
+    let Some(pod) = &req.object else {
+        return resp.into_review();
+    };
+    let ops = patch_ops(pod, &decide(pod, clusters));
+    if ops.is_empty() {
+        return resp.into_review();
+    }
+    let patched = serde_json::from_value::<json_patch::Patch>(Value::Array(ops))
+        .map_err(|e| e.to_string())
+        .and_then(|p| resp.clone().with_patch(p).map_err(|e| e.to_string()));
+    match patched {
+        Ok(r) => r.into_review(),
+        Err(e) => {
+            let mut r = resp;
+            r.warnings = Some(vec![format!("nencache injection failed: {e}")]);
+            r.into_review()
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! Pod injection: admission reviews in, JSON patches out, applied to the pod to check the
+//! result, including every skip case.
+
+// Helpers outside #[test] functions fail loudly too.
+#![allow(clippy::unwrap_used)]
+
+use base64::Engine;
+use k8s_openapi::api::core::v1::Pod;
+use kube::core::admission::AdmissionReview;
+use nencache_operator::{
+    crd::NenCacheCluster,
+    webhook::{mutate, to_wire},
+};
+use serde_json::{Value, json};
+
+fn cluster(ns: &str, name: &str, socket_dir: &str) -> NenCacheCluster {
+    serde_json::from_value(json!({
+        "apiVersion": "nencache.io/v1alpha1",
+        "kind": "NenCacheCluster",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"socketDir": socket_dir},
+    }))
+    .unwrap()
+}
+
+fn pod(labels: Value, annotations: Value, containers: Value) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "vllm-0", "namespace": "serving", "labels": labels, "annotations": annotations},
+        "spec": {"containers": containers},
+    })
+}
+
+fn vllm() -> Value {
+    json!([{"name": "vllm", "image": "vllm/vllm-openai"}, {"name": "sidecar", "image": "busybox", "env": [{"name": "A", "value": "1"}]}])
+}
+
+/// Runs a review for `pod` and returns the pod after the answered patch, if there was one.
+fn admit(pod: &Value, clusters: &[NenCacheCluster]) -> Option<Value> {
+    let review: AdmissionReview<Pod> = serde_json::from_value(json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "serving",
+            "operation": "CREATE",
+            "userInfo": {"username": "system:serviceaccount:serving:default"},
+            "object": pod,
+            "dryRun": false,
+        },
+    }))
+    .unwrap();
+    let out = to_wire(&mutate(review, clusters));
+    let resp = &out["response"];
+    assert_eq!(resp["allowed"], json!(true), "{out}");
+    assert_eq!(resp["uid"], json!("705ab4f5-6393-11e8-b7cc-42010a800002"));
+    // The API server reads the patch as a base64 string.
+    let b64 = resp
+        .get("patch")?
+        .as_str()
+        .expect("the patch is a base64 string");
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap();
+    assert_eq!(resp["patchType"], json!("JSONPatch"));
+    let patch: json_patch::Patch = serde_json::from_slice(&bytes).unwrap();
+    let mut patched = pod.clone();
+    json_patch::patch(&mut patched, &patch).unwrap();
+    Some(patched)
+}
+
+#[test]
+fn unlabelled_pods_are_left_alone() {
+    let p = pod(json!({"app": "x"}), json!({}), vllm());
+    assert_eq!(admit(&p, &[cluster("cache", "a", "/run/nencache")]), None);
+}
+
+#[test]
+fn labelled_pods_get_the_socket_in_every_container_once() {
+    let clusters = [cluster("cache", "a", "/run/nencache/")];
+    let p = pod(json!({"nencache.io/inject": "true"}), json!({}), vllm());
+    let out = admit(&p, &clusters).unwrap();
+    let vols = out["spec"]["volumes"].as_array().unwrap();
+    assert_eq!(vols.len(), 1);
+    assert_eq!(vols[0]["hostPath"]["path"], json!("/run/nencache"));
+    for c in out["spec"]["containers"].as_array().unwrap() {
+        assert_eq!(
+            c["volumeMounts"][0],
+            json!({"name": "nencache-socket", "mountPath": "/run/nencache"})
+        );
+        let env = c["env"].as_array().unwrap();
+        assert!(
+            env.contains(&json!({"name": "NENCACHE_SOCKET", "value": "/run/nencache/agent.sock"})),
+            "{c}"
+        );
+    }
+    assert_eq!(
+        out["metadata"]["annotations"]["nencache.io/injected-by"],
+        json!("cache/a")
+    );
+    // Admitting the injected pod again changes nothing.
+    assert_eq!(admit(&out, &clusters), None);
+}
+
+#[test]
+fn a_socket_variable_set_by_the_pod_is_kept() {
+    let containers =
+        json!([{"name": "c", "env": [{"name": "NENCACHE_SOCKET", "value": "/custom.sock"}]}]);
+    let p = pod(json!({"nencache.io/inject": "true"}), json!({}), containers);
+    let out = admit(&p, &[cluster("cache", "a", "/run/nencache")]).unwrap();
+    assert_eq!(
+        out["spec"]["containers"][0]["env"],
+        json!([{"name": "NENCACHE_SOCKET", "value": "/custom.sock"}])
+    );
+}
+
+#[test]
+fn skip_reasons_are_recorded() {
+    let labelled = pod(json!({"nencache.io/inject": "true"}), json!({}), vllm());
+    let reason = |out: Value| {
+        out["metadata"]["annotations"]["nencache.io/skip-reason"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert!(reason(admit(&labelled, &[]).unwrap()).contains("no NenCacheCluster"));
+    let two = [
+        cluster("cache", "a", "/run/a"),
+        cluster("cache", "b", "/run/b"),
+    ];
+    let out = admit(&labelled, &two).unwrap();
+    assert!(reason(out.clone()).contains("nencache.io/cluster"), "{out}");
+    assert!(
+        out["spec"].get("volumes").is_none(),
+        "a skipped pod is not injected"
+    );
+    let missing = pod(
+        json!({"nencache.io/inject": "true"}),
+        json!({"nencache.io/cluster": "cache/zzz"}),
+        vllm(),
+    );
+    assert!(reason(admit(&missing, &two).unwrap()).contains("cache/zzz"));
+}
+
+#[test]
+fn the_annotation_picks_one_of_several_clusters() {
+    let two = [
+        cluster("cache", "a", "/run/a"),
+        cluster("cache", "b", "/run/b"),
+    ];
+    let p = pod(
+        json!({"nencache.io/inject": "true"}),
+        json!({"nencache.io/cluster": "cache/b"}),
+        vllm(),
+    );
+    let out = admit(&p, &two).unwrap();
+    assert_eq!(
+        out["spec"]["volumes"][0]["hostPath"]["path"],
+        json!("/run/b")
+    );
+    // A bare name means a cluster in the pod's own namespace.
+    let local = [
+        cluster("serving", "near", "/run/near"),
+        cluster("cache", "a", "/run/a"),
+    ];
+    let p = pod(
+        json!({"nencache.io/inject": "true"}),
+        json!({"nencache.io/cluster": "near"}),
+        vllm(),
+    );
+    assert_eq!(
+        admit(&p, &local).unwrap()["spec"]["volumes"][0]["hostPath"]["path"],
+        json!("/run/near")
+    );
+}
