@@ -207,3 +207,40 @@ fn checked_in_crd_matches_the_rust_types() {
         "crds/nencachecluster.yaml is stale: run `cargo run -p nencache-operator --bin crdgen > crds/nencachecluster.yaml`"
     );
 }
+
+#[test]
+fn the_operator_reference_documents_every_spec_field() {
+    let crd = serde_json::to_value(NenCacheCluster::crd()).unwrap();
+    let props = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
+    let doc = std::fs::read_to_string(format!(
+        "{}/../docs/operator.md",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    let mut missing = Vec::new();
+    for (field, schema) in props.as_object().unwrap() {
+        if !doc.contains(&format!("`{field}")) {
+            missing.push(field.clone());
+        }
+        // Nested fields of NenCache's own types; Kubernetes' types (affinity, resources, ...)
+        // are documented upstream.
+        if !["tiers", "compat", "peers", "metrics"].contains(&field.as_str()) {
+            continue;
+        }
+        for sub in schema["properties"]
+            .as_object()
+            .into_iter()
+            .flat_map(|m| m.keys())
+        {
+            if !doc.contains(&format!("`{field}.{sub}"))
+                && !doc.contains(&format!("{field}.{sub}`"))
+            {
+                missing.push(format!("{field}.{sub}"));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "docs/operator.md does not document: {missing:?}"
+    );
+}
