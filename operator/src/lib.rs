@@ -6,9 +6,11 @@
 //!   ServiceAccount that run its agents, with no API calls, so it is unit-tested from YAML;
 //! - [`reconcile`]: the reconcile itself, `validate -> build -> apply (server-side apply with
 //!   the `nencache-operator` field manager) -> status`;
+//! - [`controller`]: the watch loop around `reconcile`, its metrics and admin endpoint;
 //! - [`webhook`]: the pod-injection admission logic (review in, JSON patch out).
 
 pub mod build;
+pub mod controller;
 pub mod crd;
 pub mod reconcile;
 pub mod webhook;
