@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Affinity, EnvVar, ResourceRequirements, Toleration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -140,10 +140,14 @@ pub struct Tiers {
     pub disk: Option<StorageTier>,
 }
 
+/// A size written as a Kubernetes quantity of bytes (`1073741824`, `512Mi`, `8Gi`, `1G`).
+const SIZE_PATTERN: &str = "^[0-9]+(Ki|Mi|Gi|Ti|k|M|G|T)?$";
+
 /// A tier with only a size.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 pub struct SizedTier {
     /// Size as a Kubernetes quantity (`8Gi`).
+    #[schemars(regex(pattern = SIZE_PATTERN))]
     pub size: String,
 }
 
@@ -153,6 +157,7 @@ pub struct SizedTier {
 pub struct HostTier {
     /// Arena size as a Kubernetes quantity.
     #[serde(default = "default_host_size")]
+    #[schemars(regex(pattern = SIZE_PATTERN))]
     pub size: String,
     /// Back the arena with huge pages (needs hugepages resources on the node).
     #[serde(default)]
@@ -181,6 +186,7 @@ impl Default for HostTier {
 #[serde(rename_all = "camelCase")]
 pub struct StorageTier {
     /// Capacity as a Kubernetes quantity.
+    #[schemars(regex(pattern = SIZE_PATTERN))]
     pub size: String,
     /// Directory on the node that holds the tier's files.
     pub host_path: String,
@@ -199,8 +205,9 @@ pub struct Compat {
 }
 
 /// Peer sharing between agents.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!self.enabled || has(self.tlsSecret)").message("peers.tlsSecret is required when peers.enabled is true"))]
 pub struct Peers {
     /// Share chunks with agents on other nodes.
     #[serde(default)]
@@ -216,6 +223,7 @@ pub struct Peers {
 pub struct MetricsSpec {
     /// Admin port (health, readiness, metrics).
     #[serde(default = "default_metrics_port")]
+    #[schemars(range(min = 1))]
     pub port: u16,
     /// Create a Prometheus Operator ServiceMonitor.
     #[serde(default)]

@@ -244,3 +244,29 @@ fn the_operator_reference_documents_every_spec_field() {
         "docs/operator.md does not document: {missing:?}"
     );
 }
+
+#[test]
+fn the_schema_checks_what_it_can_before_the_reconciler_sees_it() {
+    let crd = serde_json::to_value(NenCacheCluster::crd()).unwrap();
+    let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
+    let rules = &spec["peers"]["x-kubernetes-validations"];
+    assert_eq!(rules[0]["rule"], "!self.enabled || has(self.tlsSecret)");
+    let pattern = spec["tiers"]["properties"]["host"]["properties"]["size"]["pattern"]
+        .as_str()
+        .unwrap();
+    assert_eq!(pattern, "^[0-9]+(Ki|Mi|Gi|Ti|k|M|G|T)?$");
+    assert_eq!(spec["metrics"]["properties"]["port"]["minimum"], 1.0);
+    // The reconciler's parser accepts exactly the sizes the pattern admits, for these samples.
+    for ok in ["1", "512Mi", "8Gi", "1Ti", "4k", "2G"] {
+        assert!(
+            nencache_operator::build::parse_bytes("x", ok).is_ok(),
+            "{ok}"
+        );
+    }
+    for bad in ["", "1.5Gi", "8GiB", "lots", "-1"] {
+        assert!(
+            nencache_operator::build::parse_bytes("x", bad).is_err(),
+            "{bad}"
+        );
+    }
+}
