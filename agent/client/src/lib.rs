@@ -638,7 +638,7 @@ impl Client {
                     key: r.key,
                     value_len: r.value_len,
                     metadata: r.metadata,
-                    ttl_ms: r.ttl.map_or(0, |t| t.as_millis().max(1) as u64),
+                    ttl_ms: ttl_ms(r.ttl),
                     overwrite: false,
                 })
                 .collect(),
@@ -735,7 +735,7 @@ impl Client {
                         key: r.key.to_vec(),
                         value_len: r.value_len,
                         metadata: r.metadata.to_vec(),
-                        ttl_ms: r.ttl.map_or(0, |t| t.as_millis().max(1) as u64),
+                        ttl_ms: ttl_ms(r.ttl),
                         overwrite: false,
                     })
                     .collect(),
@@ -838,8 +838,12 @@ impl Client {
     pub async fn get(&self, keys: &[&[u8]]) -> Result<Vec<Option<Value>>> {
         // Leases of dropped values ride along with the next get instead of a call of their own.
         let done = std::mem::take(&mut *self.shared.releases.pending.lock());
-        let fast = self.fast(&Request::Get(keys.to_vec(), done.clone())).await;
-        if fast.is_none() && !done.is_empty() {
+        let req = Request::Get(keys.to_vec(), done);
+        let fast = self.fast(&req).await;
+        if fast.is_none()
+            && let Request::Get(_, done) = req
+        {
+            // Not sent: they go with the next call instead.
             self.shared.releases.pending.lock().extend(done);
         }
         let found: Vec<Option<Found>> = match fast {
@@ -955,6 +959,11 @@ impl Client {
             .await?
             .into_inner())
     }
+}
+
+/// A TTL on the wire: milliseconds, at least 1, or 0 for the agent's default.
+fn ttl_ms(ttl: Option<Duration>) -> u64 {
+    ttl.map_or(0, |t| t.as_millis().max(1) as u64)
 }
 
 /// Values written to staging before their commit is sent, when a batch is pipelined.

@@ -9,7 +9,6 @@ use nencache_api::{
     attach::{HELLO_HEADER_LEN, Hello, Reply, send_with_fds, status},
     frame::{self, Found, Request, Response},
 };
-use std::time::Duration;
 
 use nencache_engine::{Committed, Engine, PutItem, Reserved, SessionId};
 use tokio::{
@@ -20,7 +19,7 @@ use tokio::{
 
 use crate::{
     metrics::Metrics,
-    service::{status_of, tier},
+    service::{put_item, status_of, tier},
 };
 
 /// Accepts attach connections until `shutdown` flips.
@@ -272,13 +271,7 @@ fn handle(engine: &Engine, session: SessionId, req: Request<'_>) -> (&'static st
         Request::Reserve(items) => {
             let items: Vec<PutItem<'_>> = items
                 .iter()
-                .map(|i| PutItem {
-                    key: i.key,
-                    value_len: i.value_len,
-                    metadata: i.metadata,
-                    ttl: (i.ttl_ms > 0).then(|| Duration::from_millis(i.ttl_ms)),
-                    overwrite: i.overwrite,
-                })
+                .map(|i| put_item(i.key, i.value_len, i.metadata, i.ttl_ms, i.overwrite))
                 .collect();
             let r = engine.reserve(session, &items).map(|rs| {
                 Response::Reserve(

@@ -67,6 +67,25 @@ impl NodeCacheService {
     }
 }
 
+/// An engine put item from its wire fields (both transports send the same ones); a TTL of 0
+/// takes the agent's default.
+pub(crate) fn put_item<'a>(
+    key: &'a [u8],
+    value_len: u64,
+    metadata: &'a [u8],
+    ttl_ms: u64,
+    overwrite: bool,
+) -> PutItem<'a> {
+    let ttl = (ttl_ms > 0).then(|| Duration::from_millis(ttl_ms));
+    PutItem {
+        key,
+        value_len,
+        metadata,
+        ttl,
+        overwrite,
+    }
+}
+
 /// The proto number of a tier.
 pub(crate) fn tier(t: Tier) -> i32 {
     match t {
@@ -154,13 +173,7 @@ impl NodeCache for NodeCacheService {
         let items: Vec<PutItem<'_>> = req
             .items
             .iter()
-            .map(|i| PutItem {
-                key: &i.key,
-                value_len: i.value_len,
-                metadata: &i.metadata,
-                ttl: (i.ttl_ms > 0).then(|| Duration::from_millis(i.ttl_ms)),
-                overwrite: i.overwrite,
-            })
+            .map(|i| put_item(&i.key, i.value_len, &i.metadata, i.ttl_ms, i.overwrite))
             .collect();
         let r = self
             .engine
