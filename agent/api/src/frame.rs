@@ -1,6 +1,6 @@
 //! The session fast path: after the attach exchange, the attach connection carries small
-//! binary request/response frames for the latency-critical calls (lookup, get, release),
-//! one round trip each with no HTTP/2 or protobuf in the way. Requests on this path act for
+//! binary request/response frames for lookup, get, release, reserve and commit, one round
+//! trip each with no HTTP/2 or protobuf in the way. Requests on this path act for
 //! the connection's own session, so they cannot name another session. gRPC offers the same
 //! calls; both paths share the engine.
 //!

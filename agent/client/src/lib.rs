@@ -100,8 +100,8 @@ pub struct ClientOptions {
     /// Send an XXH3-64 checksum with each commit, so the agent verifies the bytes it copied
     /// from staging (protects a put against another process writing the staging area).
     pub verify_puts: bool,
-    /// Send lookups, gets and releases over the session connection (one socket round trip,
-    /// no HTTP/2) instead of gRPC.
+    /// Send lookups, gets, releases and puts over the session connection (one socket round
+    /// trip each, no HTTP/2) instead of gRPC.
     pub fast_path: bool,
 }
 
