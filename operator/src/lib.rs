@@ -10,7 +10,10 @@
 //! - [`webhook`]: the pod-injection admission logic (review in, JSON patch out).
 
 pub mod build;
+pub mod certs;
 pub mod controller;
 pub mod crd;
+pub mod https;
+pub mod leader;
 pub mod reconcile;
 pub mod webhook;

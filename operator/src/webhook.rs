@@ -1,6 +1,7 @@
 //! Pod injection: the mutating admission logic that gives pods labelled
-//! `nencache.io/inject: "true"` the node's agent socket. Pure: an admission review and the
-//! known clusters in, a JSON patch out; the HTTPS server around it is separate.
+//! `nencache.io/inject: "true"` the node's agent socket. The logic is pure (an admission
+//! review and the known clusters in, a JSON patch out); [`router`] puts it behind
+//! `POST /mutate-pods`, which [`crate::https`] serves over TLS.
 //!
 //! An injected pod gets a hostPath volume of the cluster's socket directory, mounted at the
 //! same path in every container, and `NENCACHE_SOCKET` pointing at the agent's socket (a
@@ -9,6 +10,16 @@
 //! `nencache.io/cluster` annotation naming one) is admitted unchanged except for a
 //! `nencache.io/skip-reason` annotation saying why.
 
+use std::borrow::Borrow;
+
+use axum::{
+    Router,
+    body::Bytes,
+    extract::State,
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::post,
+};
 use k8s_openapi::api::core::v1::Pod;
 use kube::{
     ResourceExt,
@@ -16,6 +27,7 @@ use kube::{
         DynamicObject,
         admission::{AdmissionRequest, AdmissionResponse, AdmissionReview},
     },
+    runtime::reflector::Store,
 };
 use serde_json::{Value, json};
 
@@ -56,7 +68,7 @@ fn cluster_id(c: &NenCacheCluster) -> String {
 
 /// Decides what to do with `pod` given the clusters that exist.
 #[must_use]
-pub fn decide(pod: &Pod, clusters: &[NenCacheCluster]) -> Decision {
+pub fn decide<C: Borrow<NenCacheCluster>>(pod: &Pod, clusters: &[C]) -> Decision {
     if pod.labels().get(INJECT_LABEL).map(String::as_str) != Some("true") {
         return Decision::Ignore;
     }
@@ -72,15 +84,17 @@ pub fn decide(pod: &Pod, clusters: &[NenCacheCluster]) -> Decision {
                 .unwrap_or((pod_ns.as_str(), want.as_str()));
             match clusters
                 .iter()
-                .find(|c| c.name_any() == name && c.namespace().as_deref() == Some(ns))
-            {
+                .map(Borrow::borrow)
+                .find(|c: &&NenCacheCluster| {
+                    c.name_any() == name && c.namespace().as_deref() == Some(ns)
+                }) {
                 Some(c) => c,
                 None => return Decision::Skip(format!("no NenCacheCluster {ns}/{name}")),
             }
         }
         None => match clusters {
             [] => return Decision::Skip("no NenCacheCluster exists".into()),
-            [one] => one,
+            [one] => one.borrow(),
             _ => {
                 return Decision::Skip(format!(
                     "{} NenCacheClusters exist; name one with the {CLUSTER_ANNOTATION} annotation",
@@ -180,9 +194,9 @@ pub fn to_wire(review: &AdmissionReview<DynamicObject>) -> Value {
 /// Answers an admission review for a pod. Never denies: a pod that cannot be injected is
 /// admitted (with a skip reason), as `failurePolicy: Ignore` would admit it anyway.
 #[must_use]
-pub fn mutate(
+pub fn mutate<C: Borrow<NenCacheCluster>>(
     review: AdmissionReview<Pod>,
-    clusters: &[NenCacheCluster],
+    clusters: &[C],
 ) -> AdmissionReview<DynamicObject> {
     let req: AdmissionRequest<Pod> = match review.try_into() {
         Ok(r) => r,
@@ -207,4 +221,32 @@ pub fn mutate(
             r.into_review()
         }
     }
+}
+
+/// Path the webhook configuration points at.
+pub const MUTATE_PATH: &str = "/mutate-pods";
+
+/// The webhook's routes: `POST /mutate-pods` answers an `AdmissionReview` of a pod, using the
+/// clusters in `clusters` (a reflector kept current by a watch); `GET /healthz`.
+pub fn router(clusters: Store<NenCacheCluster>) -> Router {
+    Router::new()
+        .route(MUTATE_PATH, post(review))
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+        .with_state(clusters)
+}
+
+async fn review(State(clusters): State<Store<NenCacheCluster>>, body: Bytes) -> Response {
+    let review: AdmissionReview<Pod> = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            let msg = format!("not an AdmissionReview of a Pod: {e}\n");
+            return (StatusCode::BAD_REQUEST, msg).into_response();
+        }
+    };
+    let answer = to_wire(&mutate(review, &clusters.state()));
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        answer.to_string(),
+    )
+        .into_response()
 }

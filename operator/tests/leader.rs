@@ -1,0 +1,122 @@
+//! Leader election against an in-memory API server (tests/common) that keeps
+//! `resourceVersion`s and answers stale writes with 409, as the real one does, so electors
+//! really race.
+
+// Helpers outside #[test] functions fail loudly too.
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::Api;
+use nencache_operator::leader::{Elector, LeaderError, LeaseSettings};
+
+mod common;
+
+use common::{FakeApi, client};
+
+const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/ops/leases/leader";
+
+fn elector(store: &Arc<Mutex<FakeApi>>, identity: &str) -> Elector {
+    let mut s = LeaseSettings::new("leader", identity);
+    s.duration = Duration::from_secs(2);
+    s.renew_deadline = Duration::from_millis(1200);
+    s.renew_every = Duration::from_millis(200);
+    s.retry_every = Duration::from_millis(100);
+    Elector::new(Api::namespaced(client(store, "ops"), "ops"), s)
+}
+
+fn holder(store: &Mutex<FakeApi>) -> Option<String> {
+    let s = store.lock().unwrap();
+    let l: Lease = serde_json::from_value(s.objects.get(LEASE)?.clone()).unwrap();
+    l.spec?.holder_identity
+}
+
+#[tokio::test]
+async fn one_replica_leads_and_the_other_waits_until_the_lease_expires() {
+    let store = FakeApi::shared();
+    let (a, b) = (elector(&store, "a"), elector(&store, "b"));
+    assert!(a.try_acquire_or_renew().await.unwrap());
+    assert!(
+        !b.try_acquire_or_renew().await.unwrap(),
+        "b must not take a live lease"
+    );
+    assert!(a.try_acquire_or_renew().await.unwrap(), "a renews");
+    assert_eq!(holder(&store).as_deref(), Some("a"));
+    // a stops renewing (crashed): b takes over once the 2 s lease has run out, not before.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(!b.try_acquire_or_renew().await.unwrap());
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    assert!(b.try_acquire_or_renew().await.unwrap());
+    assert_eq!(holder(&store).as_deref(), Some("b"));
+    let l: Lease = serde_json::from_value(store.lock().unwrap().objects[LEASE].clone()).unwrap();
+    assert_eq!(l.spec.unwrap().lease_transitions, Some(1));
+    // a comes back and finds b leading.
+    assert!(!a.try_acquire_or_renew().await.unwrap());
+}
+
+#[tokio::test]
+async fn racing_replicas_never_both_win() {
+    for _ in 0..20 {
+        let store = FakeApi::shared();
+        // Spawned together, their reads interleave before their writes.
+        let tries: Vec<_> = (0..4)
+            .map(|i| {
+                let e = elector(&store, &format!("r{i}"));
+                tokio::spawn(async move { e.try_acquire_or_renew().await.unwrap() })
+            })
+            .collect();
+        let mut won = Vec::new();
+        for t in tries {
+            won.push(t.await.unwrap());
+        }
+        assert_eq!(won.iter().filter(|w| **w).count(), 1, "{won:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_leader_that_finishes_releases_the_lease_for_a_standby() {
+    let store = FakeApi::shared();
+    let (a, b) = (elector(&store, "a"), elector(&store, "b"));
+    assert!(a.acquire(std::future::pending()).await.unwrap());
+    a.lead(tokio::time::sleep(Duration::from_millis(500)))
+        .await
+        .unwrap();
+    assert_eq!(holder(&store), None, "released");
+    // b acquires at once, not after the 2 s lease.
+    let t = std::time::Instant::now();
+    assert!(b.acquire(std::future::pending()).await.unwrap());
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+}
+
+#[tokio::test]
+async fn a_leader_that_cannot_renew_stops_before_the_lease_expires() {
+    let store = FakeApi::shared();
+    let a = elector(&store, "a");
+    assert!(a.acquire(std::future::pending()).await.unwrap());
+    store.lock().unwrap().failing = true;
+    let t = std::time::Instant::now();
+    let r = a.lead(std::future::pending()).await;
+    assert!(matches!(r, Err(LeaderError::Lost(_))), "{r:?}");
+    // Stopped within the renew deadline (1.2 s) plus one renew period, before the 2 s lease ran out.
+    assert!(
+        t.elapsed() < Duration::from_millis(2000),
+        "{:?}",
+        t.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_standby_stops_waiting_when_asked() {
+    let store = FakeApi::shared();
+    let (a, b) = (elector(&store, "a"), elector(&store, "b"));
+    assert!(a.try_acquire_or_renew().await.unwrap());
+    let acquired = b
+        .acquire(tokio::time::sleep(Duration::from_millis(300)))
+        .await
+        .unwrap();
+    assert!(!acquired);
+}
