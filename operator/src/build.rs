@@ -20,7 +20,11 @@ use k8s_openapi::{
         util::intstr::IntOrString,
     },
 };
-use kube::{Resource, ResourceExt};
+use kube::{
+    Resource, ResourceExt,
+    core::{ApiResource, DynamicObject, GroupVersionKind},
+};
+use serde_json::json;
 
 use crate::crd::NenCacheCluster;
 
@@ -151,6 +155,29 @@ pub struct Resources {
     pub service: Service,
     /// The agents' identity.
     pub service_account: ServiceAccount,
+    /// A Prometheus Operator ServiceMonitor for the agents' metrics, when asked for.
+    pub service_monitor: Option<DynamicObject>,
+}
+
+/// The Prometheus Operator's `monitoring.coreos.com/v1` ServiceMonitor resource.
+#[must_use]
+pub fn service_monitor_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("monitoring.coreos.com", "v1", "ServiceMonitor"),
+        "servicemonitors",
+    )
+}
+
+fn service_monitor(ncc: &NenCacheCluster, agent: &str) -> DynamicObject {
+    let mut sm = DynamicObject::new(agent, &service_monitor_resource()).data(json!({
+        "spec": {
+            "selector": {"matchLabels": selector_labels(&ncc.name_any())},
+            "namespaceSelector": {"matchNames": [ncc.namespace().unwrap_or_default()]},
+            "endpoints": [{"port": "metrics", "path": "/metrics", "interval": "30s"}],
+        }
+    }));
+    sm.metadata = meta(ncc, agent.to_string());
+    sm
 }
 
 /// Name shared by the objects of cluster `name`.
@@ -268,6 +295,11 @@ pub fn build(ncc: &NenCacheCluster, v: &Validated) -> Resources {
         daemon_set,
         service,
         service_account,
+        service_monitor: ncc
+            .spec
+            .metrics
+            .service_monitor
+            .then(|| service_monitor(ncc, &agent)),
     }
 }
 

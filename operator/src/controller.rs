@@ -1,7 +1,7 @@
 //! The controller loop: watches `NenCacheCluster`s and the objects they own, runs
 //! [`reconcile`] for each change (at most a few at a time), records metrics with bounded
 //! labels, and stops gracefully when asked. Also the operator's admin endpoint: `/healthz`,
-//! `/readyz` (the watches are running) and `/metrics`.
+//! `/readyz` (the replica serves) and `/metrics` (reconciles, latency, leadership).
 
 use std::{
     future::Future,
@@ -19,13 +19,14 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client, ResourceExt,
-    runtime::{Controller, controller::Action, watcher},
+    runtime::{Controller, controller::Action, events::Reporter, watcher},
 };
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{
         counter::Counter,
         family::Family,
+        gauge::Gauge,
         histogram::{Histogram, exponential_buckets},
     },
     registry::Registry,
@@ -50,6 +51,7 @@ pub struct Observed {
     registry: Registry,
     reconciles: Family<Outcome, Counter>,
     duration: Histogram,
+    leader: Gauge,
     ready: AtomicBool,
 }
 
@@ -64,10 +66,17 @@ impl Default for Observed {
             "Reconcile latency",
             duration.clone(),
         );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this replica runs the controller",
+            leader.clone(),
+        );
         Self {
             registry,
             reconciles,
             duration,
+            leader,
             ready: AtomicBool::new(false),
         }
     }
@@ -79,6 +88,11 @@ impl Observed {
         self.duration.observe(took.as_secs_f64());
     }
 
+    /// Marks the replica ready (serving) or not, for `/readyz`.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
+    }
+
     /// The Prometheus text exposition.
     #[must_use]
     pub fn render(&self) -> String {
@@ -88,7 +102,8 @@ impl Observed {
     }
 }
 
-/// Routes of the admin endpoint.
+/// Routes of the admin endpoint. `/readyz` answers 200 once the replica serves (its webhook
+/// is up, or it has started with the webhook off), whether it leads or stands by.
 pub fn admin_router(observed: Arc<Observed>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -117,15 +132,14 @@ struct Ctx {
 /// Runs the controller until `shutdown` resolves; in-flight reconciles finish first.
 pub async fn run(
     client: Client,
+    reporter: Reporter,
     observed: Arc<Observed>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let wc = watcher::Config::default();
     let clusters: Api<NenCacheCluster> = Api::all(client.clone());
     let ctx = Arc::new(Ctx {
-        inner: Arc::new(Context {
-            client: client.clone(),
-        }),
+        inner: Arc::new(Context::new(client.clone(), reporter)),
         observed: observed.clone(),
     });
     let stream = Controller::new(clusters, wc.clone())
@@ -148,7 +162,7 @@ pub async fn run(
             },
             ctx,
         );
-    observed.ready.store(true, Ordering::Release);
+    observed.leader.set(1);
     let mut stream = std::pin::pin!(stream);
     while let Some(r) = stream.next().await {
         match r {
@@ -156,7 +170,7 @@ pub async fn run(
             Err(e) => tracing::debug!(error = %e, "controller event"),
         }
     }
-    observed.ready.store(false, Ordering::Release);
+    observed.leader.set(0);
     tracing::info!("controller stopped");
 }
 
@@ -180,7 +194,7 @@ mod tests {
         let o = Arc::new(Observed::default());
         assert_eq!(get(&o, "/healthz").await.0, StatusCode::OK);
         assert_eq!(get(&o, "/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
-        o.ready.store(true, Ordering::Release);
+        o.set_ready(true);
         assert_eq!(get(&o, "/readyz").await.0, StatusCode::OK);
         o.record("ok", Duration::from_millis(3));
         o.record("apply_daemon_set", Duration::from_millis(9));

@@ -5,6 +5,12 @@
 //! cluster's status from its DaemonSet (desired, ready and updated agents, and the conditions
 //! Ready, Progressing, Degraded and ConfigValid) and writes it to the status subresource. An
 //! invalid spec applies nothing and reports `ConfigValid=False` with the reason.
+//!
+//! A ServiceMonitor is applied when `metrics.serviceMonitor` is set and deleted when it is
+//! not; where the Prometheus Operator's CRD is missing that is a Warning event, not a failed
+//! reconcile. Transitions (a new generation applied, the spec turning invalid or valid again,
+//! agents becoming ready or not, a failed apply) are published as Kubernetes Events on the
+//! cluster; a failure to publish is logged and does not fail the reconcile.
 
 use std::sync::Arc;
 
@@ -18,14 +24,19 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{Patch, PatchParams},
-    runtime::controller::Action,
+    api::{DeleteParams, DynamicObject, Patch, PatchParams},
+    runtime::{
+        controller::Action,
+        events::{Event, EventType, Recorder, Reporter},
+    },
 };
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::json;
 
 use crate::{
-    build::{FIELD_MANAGER, SpecError, Validated, build, validate},
+    build::{
+        FIELD_MANAGER, SpecError, Validated, agent_name, build, service_monitor_resource, validate,
+    },
     crd::{NenCacheCluster, NenCacheClusterStatus},
 };
 
@@ -62,6 +73,115 @@ impl Error {
 pub struct Context {
     /// The API client.
     pub client: Client,
+    /// Publishes Events on clusters.
+    pub recorder: Recorder,
+}
+
+impl Context {
+    /// A context whose Events name `reporter` as their source.
+    #[must_use]
+    pub fn new(client: Client, reporter: Reporter) -> Self {
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+        }
+    }
+}
+
+/// An Event to publish on a cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Note {
+    /// Warning (true) or Normal.
+    pub warning: bool,
+    /// PascalCase reason.
+    pub reason: &'static str,
+    /// Human-readable message.
+    pub message: String,
+}
+
+impl Note {
+    fn normal(reason: &'static str, message: String) -> Self {
+        Self {
+            warning: false,
+            reason,
+            message,
+        }
+    }
+
+    fn warning(reason: &'static str, message: String) -> Self {
+        Self {
+            warning: true,
+            reason,
+            message,
+        }
+    }
+}
+
+async fn publish(ctx: &Context, ncc: &NenCacheCluster, notes: &[Note]) {
+    let reference = ncc.object_ref(&());
+    for n in notes {
+        let ev = Event {
+            type_: if n.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: n.reason.into(),
+            note: Some(n.message.chars().take(1024).collect()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&ev, &reference).await {
+            tracing::warn!(cluster = %ncc.name_any(), reason = n.reason, error = %e, "publishing an event failed");
+        }
+    }
+}
+
+fn find<'a>(status: Option<&'a NenCacheClusterStatus>, type_: &str) -> Option<&'a Condition> {
+    status?.conditions.iter().find(|c| c.type_ == type_)
+}
+
+/// The Events for going from status `old` to `new` of `ncc`.
+#[must_use]
+pub fn transitions(
+    ncc: &NenCacheCluster,
+    old: Option<&NenCacheClusterStatus>,
+    new: &NenCacheClusterStatus,
+) -> Vec<Note> {
+    let mut notes = Vec::new();
+    let was = |t: &str| find(old, t).map(|c| c.status == "True");
+    let is = |t: &str| find(Some(new), t).map(|c| c.status == "True");
+    let message = |t: &str| {
+        find(Some(new), t)
+            .map(|c| c.message.clone())
+            .unwrap_or_default()
+    };
+    match (was("ConfigValid"), is("ConfigValid")) {
+        (prev, Some(false)) if prev != Some(false) => {
+            notes.push(Note::warning("InvalidSpec", message("ConfigValid")));
+        }
+        (Some(false), Some(true)) => notes.push(Note::normal("SpecValid", message("ConfigValid"))),
+        _ => {}
+    }
+    let generation = ncc.meta().generation;
+    if is("ConfigValid") == Some(true) && old.and_then(|s| s.observed_generation) != generation {
+        notes.push(Note::normal(
+            "Applied",
+            format!("applied generation {}", generation.unwrap_or_default()),
+        ));
+    }
+    if is("ConfigValid") == Some(true) {
+        match (was("Ready"), is("Ready")) {
+            (prev, Some(true)) if prev != Some(true) => {
+                notes.push(Note::normal("AgentsReady", message("Ready")));
+            }
+            (Some(true), Some(false)) => {
+                notes.push(Note::warning("AgentsNotReady", message("Ready")))
+            }
+            _ => {}
+        }
+    }
+    notes
 }
 
 fn kube_err(what: &'static str) -> impl FnOnce(kube::Error) -> Error {
@@ -91,8 +211,15 @@ where
 pub async fn reconcile(ncc: Arc<NenCacheCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = ncc.namespace().ok_or(Error::NoNamespace)?;
     let validated = validate(&ncc);
+    let mut notes = Vec::new();
     let ds = match &validated {
-        Ok(v) => Some(apply_all(&ctx.client, &ns, &ncc, v).await?),
+        Ok(v) => match apply_all(&ctx.client, &ns, &ncc, v, &mut notes).await {
+            Ok(ds) => Some(ds),
+            Err(e) => {
+                publish(&ctx, &ncc, &[Note::warning("ApplyFailed", e.to_string())]).await;
+                return Err(e);
+            }
+        },
         Err(e) => {
             tracing::warn!(cluster = %ncc.name_any(), error = %e, "invalid spec");
             None
@@ -112,6 +239,8 @@ pub async fn reconcile(ncc: Arc<NenCacheCluster>, ctx: Arc<Context>) -> Result<A
     )
     .await
     .map_err(kube_err("patch_status"))?;
+    notes.extend(transitions(&ncc, ncc.status.as_ref(), &status));
+    publish(&ctx, &ncc, &notes).await;
     Ok(Action::requeue(std::time::Duration::from_secs(300)))
 }
 
@@ -120,12 +249,39 @@ async fn apply_all(
     ns: &str,
     ncc: &NenCacheCluster,
     v: &Validated,
+    notes: &mut Vec<Note>,
 ) -> Result<DaemonSet, Error> {
     let r = build(ncc, v);
     apply::<ServiceAccount>(client, ns, &r.service_account, "apply_service_account").await?;
     apply::<ConfigMap>(client, ns, &r.config_map, "apply_config_map").await?;
     apply::<Service>(client, ns, &r.service, "apply_service").await?;
-    apply::<DaemonSet>(client, ns, &r.daemon_set, "apply_daemon_set").await
+    let ds = apply::<DaemonSet>(client, ns, &r.daemon_set, "apply_daemon_set").await?;
+    let monitors: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), ns, &service_monitor_resource());
+    let name = agent_name(&ncc.name_any());
+    match &r.service_monitor {
+        Some(sm) => {
+            let params = PatchParams::apply(FIELD_MANAGER).force();
+            match monitors.patch(&name, &params, &Patch::Apply(sm)).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => notes.push(Note::warning(
+                    "ServiceMonitorUnavailable",
+                    "metrics.serviceMonitor is set but the ServiceMonitor CRD \
+                     (monitoring.coreos.com/v1) is not installed"
+                        .into(),
+                )),
+                Err(e) => return Err(kube_err("apply_service_monitor")(e)),
+            }
+        }
+        // Switched off (or never on): remove one left from before. 404 covers both a missing
+        // object and a missing CRD.
+        None => match monitors.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(kube_err("delete_service_monitor")(e)),
+        },
+    }
+    Ok(ds)
 }
 
 fn condition(

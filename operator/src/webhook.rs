@@ -9,6 +9,13 @@
 //! volume is left alone. A labelled pod that cannot be injected (no cluster, or several and no
 //! `nencache.io/cluster` annotation naming one) is admitted unchanged except for a
 //! `nencache.io/skip-reason` annotation saying why.
+//!
+//! A pod annotated `nencache.io/lmcache: "true"` also gets the environment that points an
+//! unmodified LMCache at the node's agent: `LMCACHE_REMOTE_URL=lm://<node IP>:<lmPort>`
+//! (the node IP from the downward API), `LMCACHE_REMOTE_SERDE=naive`, and `PYTHONHASHSEED=0`
+//! (LMCache's builtin chunk hash must agree across processes). Variables the container sets
+//! already are kept. When the cluster has no `lm://` listener (`spec.compat.lmPort`) the
+//! socket is still injected and the skip reason says why the LMCache environment was not.
 
 use std::borrow::Borrow;
 
@@ -45,6 +52,21 @@ pub const INJECTED_ANNOTATION: &str = "nencache.io/injected-by";
 pub const SOCKET_VOLUME: &str = "nencache-socket";
 /// Environment variable naming the agent's socket.
 pub const SOCKET_ENV: &str = "NENCACHE_SOCKET";
+/// Annotation asking for the LMCache environment.
+pub const LMCACHE_ANNOTATION: &str = "nencache.io/lmcache";
+/// Environment variable holding the node's IP (downward API), used by `LMCACHE_REMOTE_URL`.
+pub const NODE_IP_ENV: &str = "NENCACHE_NODE_IP";
+
+/// The LMCache part of an injection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lmcache {
+    /// Not asked for.
+    NotAsked,
+    /// Point LMCache at the agent's `lm://` listener on this port of the node.
+    Port(u16),
+    /// Asked for, but the cluster cannot serve it, for this reason.
+    Unavailable(String),
+}
 
 /// What to do with a pod.
 #[derive(Debug, Clone, PartialEq)]
@@ -59,6 +81,8 @@ pub enum Decision {
         cluster: String,
         /// The cluster's socket directory on the node.
         socket_dir: String,
+        /// Whether and how to add the LMCache environment.
+        lmcache: Lmcache,
     },
 }
 
@@ -103,10 +127,41 @@ pub fn decide<C: Borrow<NenCacheCluster>>(pod: &Pod, clusters: &[C]) -> Decision
             }
         },
     };
+    let asked = pod
+        .annotations()
+        .get(LMCACHE_ANNOTATION)
+        .map(String::as_str)
+        == Some("true");
+    let lmcache = match (asked, chosen.spec.compat.lm_port) {
+        (false, _) => Lmcache::NotAsked,
+        (true, Some(port)) => Lmcache::Port(port),
+        (true, None) => Lmcache::Unavailable(format!(
+            "LMCache environment not injected: NenCacheCluster {} has no lm:// listener (spec.compat.lmPort)",
+            cluster_id(chosen)
+        )),
+    };
     Decision::Inject {
         cluster: cluster_id(chosen),
         socket_dir: chosen.spec.socket_dir.trim_end_matches('/').to_string(),
+        lmcache,
     }
+}
+
+/// The environment variables an injected container gets, in order (later ones may refer to
+/// earlier ones with `$(NAME)`).
+fn injected_env(socket_dir: &str, lmcache: &Lmcache) -> Vec<Value> {
+    let mut env = vec![json!({"name": SOCKET_ENV, "value": format!("{socket_dir}/agent.sock")})];
+    if let Lmcache::Port(port) = lmcache {
+        env.push(
+            json!({"name": NODE_IP_ENV, "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}}),
+        );
+        env.push(
+            json!({"name": "LMCACHE_REMOTE_URL", "value": format!("lm://$({NODE_IP_ENV}):{port}")}),
+        );
+        env.push(json!({"name": "LMCACHE_REMOTE_SERDE", "value": "naive"}));
+        env.push(json!({"name": "PYTHONHASHSEED", "value": "0"}));
+    }
+    env
 }
 
 /// JSON-pointer escaping of one path segment.
@@ -132,6 +187,7 @@ pub fn patch_ops(pod: &Pod, decision: &Decision) -> Vec<Value> {
         Decision::Inject {
             cluster,
             socket_dir,
+            lmcache,
         } => {
             let volume = json!({
                 "name": SOCKET_VOLUME,
@@ -143,9 +199,8 @@ pub fn patch_ops(pod: &Pod, decision: &Decision) -> Vec<Value> {
             } else {
                 ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": volume}));
             }
-            let socket = format!("{socket_dir}/agent.sock");
             let mount = json!({"name": SOCKET_VOLUME, "mountPath": socket_dir});
-            let env = json!({"name": SOCKET_ENV, "value": socket});
+            let env = injected_env(socket_dir, lmcache);
             for (i, c) in spec
                 .map(|s| s.containers.as_slice())
                 .unwrap_or_default()
@@ -157,15 +212,28 @@ pub fn patch_ops(pod: &Pod, decision: &Decision) -> Vec<Value> {
                     None => ops.push(json!({"op": "add", "path": format!("{base}/volumeMounts"), "value": [mount]})),
                     Some(_) => ops.push(json!({"op": "add", "path": format!("{base}/volumeMounts/-"), "value": mount})),
                 }
+                let has = |name: &Value| {
+                    c.env
+                        .iter()
+                        .flatten()
+                        .any(|v| Some(v.name.as_str()) == name.as_str())
+                };
+                let missing: Vec<Value> =
+                    env.iter().filter(|e| !has(&e["name"])).cloned().collect();
                 match &c.env {
-                    None => ops
-                        .push(json!({"op": "add", "path": format!("{base}/env"), "value": [env]})),
-                    Some(e) if e.iter().any(|v| v.name == SOCKET_ENV) => {}
-                    Some(_) => ops
-                        .push(json!({"op": "add", "path": format!("{base}/env/-"), "value": env})),
+                    _ if missing.is_empty() => {}
+                    None => ops.push(
+                        json!({"op": "add", "path": format!("{base}/env"), "value": missing}),
+                    ),
+                    Some(_) => ops.extend(missing.into_iter().map(
+                        |e| json!({"op": "add", "path": format!("{base}/env/-"), "value": e}),
+                    )),
                 }
             }
             annotate(pod, INJECTED_ANNOTATION, cluster, &mut ops);
+            if let Lmcache::Unavailable(reason) = lmcache {
+                ops.push(json!({"op": "add", "path": format!("/metadata/annotations/{}", escape(SKIP_ANNOTATION)), "value": reason}));
+            }
         }
     }
     ops

@@ -8,10 +8,10 @@
 use std::sync::Arc;
 
 use http::{Request, Response, StatusCode};
-use kube::{Client, client::Body};
+use kube::{Client, client::Body, runtime::events::Reporter};
 use nencache_operator::{
     crd::NenCacheCluster,
-    reconcile::{Context, reconcile},
+    reconcile::{Context, reconcile, transitions},
 };
 use serde_json::{Value, json};
 use tower_test::mock::Handle;
@@ -60,12 +60,62 @@ async fn expect_apply(
     body
 }
 
+/// Answers the next request, checking its method and path; returns its body (JSON or null).
+async fn expect(
+    h: &mut Mock,
+    method: http::Method,
+    path: &str,
+    status: StatusCode,
+    reply: Value,
+) -> Value {
+    let (req, send) = h.next_request().await.expect("a request");
+    assert_eq!((req.method(), req.uri().path()), (&method, path));
+    let raw = req.into_body().collect_bytes().await.unwrap();
+    send.send_response(
+        Response::builder()
+            .status(status)
+            .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+            .unwrap(),
+    );
+    serde_json::from_slice(&raw).unwrap_or(Value::Null)
+}
+
+fn not_found() -> Value {
+    json!({"apiVersion": "v1", "kind": "Status", "status": "Failure", "reason": "NotFound",
+        "message": "the server could not find the requested resource", "code": 404})
+}
+
+const SERVICE_MONITOR: &str =
+    "/apis/monitoring.coreos.com/v1/namespaces/ml/servicemonitors/cache-agent";
+
+/// Answers the next request, which must publish an Event on the cluster; returns
+/// `(type, reason, note)`.
+async fn expect_event(h: &mut Mock) -> (String, String, String) {
+    let ev = expect(
+        h,
+        http::Method::POST,
+        "/apis/events.k8s.io/v1/namespaces/ml/events",
+        StatusCode::CREATED,
+        json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "e"}, "eventTime": null}),
+    )
+    .await;
+    assert_eq!(ev["regarding"]["kind"], "NenCacheCluster");
+    assert_eq!(ev["regarding"]["name"], "cache");
+    assert_eq!(ev["reportingController"], "nencache-operator");
+    let s = |k: &str| ev[k].as_str().unwrap_or_default().to_string();
+    (s("type"), s("reason"), s("note"))
+}
+
 fn mock() -> (Arc<Context>, Mock) {
     let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     (
-        Arc::new(Context {
-            client: Client::new(svc, "default"),
-        }),
+        Arc::new(Context::new(
+            Client::new(svc, "default"),
+            Reporter {
+                controller: "nencache-operator".into(),
+                instance: Some("op-0".into()),
+            },
+        )),
         handle,
     )
 }
@@ -126,11 +176,25 @@ async fn applies_every_object_then_reports_status_from_the_daemon_set() {
         b
     })
     .await;
+    // No ServiceMonitor asked for: any left from before is deleted (none here).
+    expect(
+        &mut h,
+        http::Method::DELETE,
+        SERVICE_MONITOR,
+        StatusCode::NOT_FOUND,
+        not_found(),
+    )
+    .await;
     let status_path = "/apis/nencache.io/v1alpha1/namespaces/ml/nencacheclusters/cache/status";
     let patch = expect_apply(&mut h, status_path, StatusCode::OK, |_| {
         serde_json::to_value(cluster(json!({}))).unwrap()
     })
     .await;
+    let (kind, reason, note) = expect_event(&mut h).await;
+    assert_eq!(
+        (kind.as_str(), reason.as_str(), note.as_str()),
+        ("Normal", "Applied", "applied generation 4")
+    );
     let status = &patch["status"];
     assert_eq!(
         (
@@ -168,6 +232,9 @@ async fn an_invalid_spec_applies_nothing_and_says_why() {
     .await;
     let (ok, reason) = condition(&patch["status"], "ConfigValid");
     assert_eq!((ok.as_str(), reason.as_str()), ("False", "InvalidSpec"));
+    let (kind, reason, note) = expect_event(&mut h).await;
+    assert_eq!((kind.as_str(), reason.as_str()), ("Warning", "InvalidSpec"));
+    assert!(note.contains("tiers.host.size"), "{note}");
     let msg = patch["status"]["conditions"][0]["message"]
         .as_str()
         .unwrap();
@@ -190,7 +257,103 @@ async fn an_api_error_fails_the_reconcile_with_a_bounded_label() {
         |_| conflict,
     )
     .await;
+    let (kind, reason, note) = expect_event(&mut h).await;
+    assert_eq!((kind.as_str(), reason.as_str()), ("Warning", "ApplyFailed"));
+    assert!(note.contains("conflict"), "{note}");
     let err = task.await.unwrap().unwrap_err();
     assert_eq!(err.metric_label(), "apply_service_account");
     assert!(err.to_string().contains("conflict"), "{err}");
+}
+
+#[tokio::test]
+async fn a_service_monitor_is_applied_and_a_missing_prometheus_operator_is_a_warning() {
+    let (ctx, mut h) = mock();
+    let spec = json!({"metrics": {"serviceMonitor": true}});
+    let task = tokio::spawn(reconcile(Arc::new(cluster(spec.clone())), ctx));
+    for path in [
+        "/api/v1/namespaces/ml/serviceaccounts/cache-agent",
+        "/api/v1/namespaces/ml/configmaps/cache-agent-config",
+        "/api/v1/namespaces/ml/services/cache-agent",
+        "/apis/apps/v1/namespaces/ml/daemonsets/cache-agent",
+    ] {
+        expect_apply(&mut h, path, StatusCode::OK, |b| b).await;
+    }
+    // The Prometheus Operator is not installed: its resource type is unknown (404).
+    let (req, send) = h.next_request().await.unwrap();
+    assert_eq!(
+        (req.method(), req.uri().path()),
+        (&http::Method::PATCH, SERVICE_MONITOR)
+    );
+    let sm: Value =
+        serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
+    assert_eq!(sm["kind"], "ServiceMonitor");
+    assert_eq!(sm["metadata"]["ownerReferences"][0]["uid"], "u-1");
+    assert_eq!(sm["spec"]["endpoints"][0]["port"], "metrics");
+    assert_eq!(
+        sm["spec"]["selector"]["matchLabels"]["app.kubernetes.io/instance"],
+        "cache"
+    );
+    send.send_response(
+        Response::builder()
+            .status(StatusCode::NOT_FOUND)
+            .body(Body::from(serde_json::to_vec(&not_found()).unwrap()))
+            .unwrap(),
+    );
+    let status_path = "/apis/nencache.io/v1alpha1/namespaces/ml/nencacheclusters/cache/status";
+    expect_apply(&mut h, status_path, StatusCode::OK, |_| {
+        serde_json::to_value(cluster(spec)).unwrap()
+    })
+    .await;
+    let (kind, reason, _) = expect_event(&mut h).await;
+    assert_eq!(
+        (kind.as_str(), reason.as_str()),
+        ("Warning", "ServiceMonitorUnavailable")
+    );
+    assert_eq!(expect_event(&mut h).await.1, "Applied");
+    task.await.unwrap().unwrap();
+}
+
+fn with_status(generation: i64, conditions: &[(&str, &str)]) -> NenCacheCluster {
+    let mut c = cluster(json!({}));
+    c.metadata.generation = Some(generation);
+    c.status = Some(
+        serde_json::from_value(json!({
+            "observedGeneration": 4,
+            "conditions": conditions.iter().map(|(t, s)| json!({
+                "type": t, "status": s, "reason": "R", "message": format!("{t} is {s}"),
+                "lastTransitionTime": "2026-01-01T00:00:00Z",
+            })).collect::<Vec<_>>(),
+        }))
+        .unwrap(),
+    );
+    c
+}
+
+#[test]
+fn events_are_published_on_transitions_only() {
+    let reasons = |c: &NenCacheCluster, now: &NenCacheCluster| {
+        transitions(c, c.status.as_ref(), now.status.as_ref().unwrap())
+            .into_iter()
+            .map(|n| (n.warning, n.reason))
+            .collect::<Vec<_>>()
+    };
+    let ready = with_status(4, &[("ConfigValid", "True"), ("Ready", "True")]);
+    let unready = with_status(4, &[("ConfigValid", "True"), ("Ready", "False")]);
+    let invalid = with_status(4, &[("ConfigValid", "False"), ("Ready", "False")]);
+    assert_eq!(reasons(&ready, &ready), vec![], "nothing changed");
+    assert_eq!(reasons(&unready, &ready), vec![(false, "AgentsReady")]);
+    assert_eq!(reasons(&ready, &unready), vec![(true, "AgentsNotReady")]);
+    assert_eq!(reasons(&ready, &invalid), vec![(true, "InvalidSpec")]);
+    assert_eq!(
+        reasons(&invalid, &invalid),
+        vec![],
+        "no repeat while still invalid"
+    );
+    assert_eq!(
+        reasons(&invalid, &ready),
+        vec![(false, "SpecValid"), (false, "AgentsReady")]
+    );
+    // A new generation applied is worth an event even when readiness did not change.
+    let newer = with_status(5, &[("ConfigValid", "True"), ("Ready", "True")]);
+    assert_eq!(reasons(&newer, &ready), vec![(false, "Applied")]);
 }

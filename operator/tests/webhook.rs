@@ -176,3 +176,83 @@ fn the_annotation_picks_one_of_several_clusters() {
         json!("/run/near")
     );
 }
+
+#[test]
+fn the_lmcache_environment_points_lmcache_at_the_nodes_agent() {
+    let mut with_lm = cluster("cache", "a", "/run/nencache");
+    with_lm.spec.compat.lm_port = Some(65432);
+    let containers = json!([
+        {"name": "vllm", "image": "vllm", "env": [{"name": "PYTHONHASHSEED", "value": "7"}]},
+        {"name": "plain", "image": "busybox"},
+    ]);
+    let p = pod(
+        json!({"nencache.io/inject": "true"}),
+        json!({"nencache.io/lmcache": "true"}),
+        containers,
+    );
+    let out = admit(&p, std::slice::from_ref(&with_lm)).unwrap();
+    let env = |i: usize| {
+        out["spec"]["containers"][i]["env"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let names = |e: &[Value]| {
+        e.iter()
+            .map(|v| v["name"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    // The pod's own PYTHONHASHSEED is kept; the node IP comes before the URL that uses it.
+    assert_eq!(
+        names(&env(0)),
+        [
+            "PYTHONHASHSEED",
+            "NENCACHE_SOCKET",
+            "NENCACHE_NODE_IP",
+            "LMCACHE_REMOTE_URL",
+            "LMCACHE_REMOTE_SERDE"
+        ]
+    );
+    assert_eq!(env(0)[0]["value"], "7");
+    assert_eq!(
+        env(0)[2]["valueFrom"]["fieldRef"]["fieldPath"],
+        "status.hostIP"
+    );
+    assert_eq!(env(0)[3]["value"], "lm://$(NENCACHE_NODE_IP):65432");
+    assert!(env(1).contains(&json!({"name": "PYTHONHASHSEED", "value": "0"})));
+    assert!(
+        out["metadata"]["annotations"]
+            .get("nencache.io/skip-reason")
+            .is_none()
+    );
+    // The patched pod is a valid Pod.
+    serde_json::from_value::<Pod>(out.clone()).unwrap();
+
+    // Without the annotation: only the socket.
+    let plain = pod(json!({"nencache.io/inject": "true"}), json!({}), vllm());
+    let out = admit(&plain, &[with_lm]).unwrap();
+    assert_eq!(
+        names(out["spec"]["containers"][0]["env"].as_array().unwrap()),
+        ["NENCACHE_SOCKET"]
+    );
+}
+
+#[test]
+fn asking_for_lmcache_without_a_listener_injects_the_socket_and_says_why_not_lmcache() {
+    let p = pod(
+        json!({"nencache.io/inject": "true"}),
+        json!({"nencache.io/lmcache": "true"}),
+        vllm(),
+    );
+    let out = admit(&p, &[cluster("cache", "a", "/run/nencache")]).unwrap();
+    let reason = out["metadata"]["annotations"]["nencache.io/skip-reason"]
+        .as_str()
+        .unwrap();
+    assert!(reason.contains("spec.compat.lmPort"), "{reason}");
+    assert_eq!(out["spec"]["volumes"][0]["name"], "nencache-socket");
+    let env = out["spec"]["containers"][0]["env"].as_array().unwrap();
+    assert!(
+        !env.iter().any(|e| e["name"] == "LMCACHE_REMOTE_URL"),
+        "{env:?}"
+    );
+}

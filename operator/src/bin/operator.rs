@@ -1,10 +1,29 @@
-//! `nencache-operator`: runs the `NenCacheCluster` controller and its admin endpoint until
-//! SIGTERM or SIGINT.
+//! `nencache-operator`: serves the pod-injection webhook on every replica, runs the
+//! `NenCacheCluster` controller on the replica that holds the leader Lease, and serves its
+//! admin endpoint, until SIGTERM or SIGINT.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+use anyhow::Context as _;
 use clap::Parser;
-use nencache_operator::controller::{Observed, admin_router, run};
+use k8s_openapi::api::{
+    admissionregistration::v1::MutatingWebhookConfiguration, coordination::v1::Lease,
+    core::v1::Secret,
+};
+use kube::{
+    Api, Client,
+    runtime::{WatchStreamExt, events::Reporter, reflector, watcher},
+};
+use nencache_operator::{
+    certs::{self, CertSettings},
+    controller::{Observed, admin_router, run},
+    crd::NenCacheCluster,
+    https::{self, CertStore},
+    leader::{Elector, LeaseSettings},
+    webhook,
+};
+use tokio::sync::watch;
+use tokio_stream::StreamExt;
 
 #[derive(Parser)]
 #[command(
@@ -23,6 +42,154 @@ struct Args {
     /// Log filter.
     #[arg(long, env = "NENCACHE_OPERATOR_LOG_LEVEL", default_value = "info")]
     log_level: String,
+    /// Namespace the operator runs in (its Lease, webhook Service and Secret live there).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "nencache-system")]
+    namespace: String,
+    /// This replica's name, for the Lease and Events (the pod name).
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
+    /// Serve the pod-injection webhook.
+    #[arg(long, env = "NENCACHE_OPERATOR_WEBHOOK", default_value_t = true, action = clap::ArgAction::Set)]
+    webhook: bool,
+    /// HTTPS address of the webhook.
+    #[arg(
+        long,
+        env = "NENCACHE_OPERATOR_WEBHOOK_ADDR",
+        default_value = "0.0.0.0:9443"
+    )]
+    webhook_addr: SocketAddr,
+    /// The webhook's Service (its certificate is issued for this name).
+    #[arg(
+        long,
+        env = "NENCACHE_OPERATOR_WEBHOOK_SERVICE",
+        default_value = "nencache-webhook"
+    )]
+    webhook_service: String,
+    /// Secret holding the webhook's CA and serving certificate (created when missing).
+    #[arg(
+        long,
+        env = "NENCACHE_OPERATOR_WEBHOOK_SECRET",
+        default_value = "nencache-webhook-tls"
+    )]
+    webhook_secret: String,
+    /// MutatingWebhookConfiguration whose CA bundle the operator keeps current.
+    #[arg(
+        long,
+        env = "NENCACHE_OPERATOR_WEBHOOK_CONFIG",
+        default_value = "nencache"
+    )]
+    webhook_config: String,
+    /// Run the controller only while holding the leader Lease.
+    #[arg(long, env = "NENCACHE_OPERATOR_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+    /// Name of the leader Lease.
+    #[arg(
+        long,
+        env = "NENCACHE_OPERATOR_LEASE",
+        default_value = "nencache-operator"
+    )]
+    lease_name: String,
+}
+
+/// Resolves once `rx` turns true.
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+async fn signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! { _ = term.recv() => {}, _ = tokio::signal::ctrl_c() => {} }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("shutting down");
+}
+
+/// Starts the webhook: certificate, cluster cache, HTTPS server, and the renewal loop.
+async fn start_webhook(
+    args: &Args,
+    client: &Client,
+    stop: &watch::Receiver<bool>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &args.namespace);
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let settings = CertSettings::new(&args.webhook_service, &args.namespace);
+    let bundle = certs::ensure(&secrets, &args.webhook_secret, &settings)
+        .await
+        .context("webhook certificate")?;
+    if let Err(e) = certs::patch_ca_bundle(&configs, &args.webhook_config, &bundle.ca_pem).await {
+        tracing::warn!(error = %e, "writing the CA bundle failed; retried at the next check");
+    }
+    let store = CertStore::new(&bundle.cert_pem, &bundle.key_pem)?;
+    let config = store.server_config()?;
+
+    let (reader, writer) = reflector::store::<NenCacheCluster>();
+    let watch = watcher(
+        Api::<NenCacheCluster>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(writer)
+    .applied_objects();
+    let mut stop_watch = stop.clone();
+    tokio::spawn(async move {
+        let mut watch = std::pin::pin!(watch);
+        loop {
+            tokio::select! {
+                _ = stop_watch.wait_for(|s| *s) => return,
+                next = watch.next() => match next {
+                    Some(Err(e)) => tracing::warn!(error = %e, "watching NenCacheClusters"),
+                    Some(Ok(_)) => {}
+                    None => return,
+                },
+            }
+        }
+    });
+    reader.wait_until_ready().await?;
+
+    let listener = tokio::net::TcpListener::bind(args.webhook_addr).await?;
+    tracing::info!(addr = %args.webhook_addr, "webhook serving");
+    let server = tokio::spawn(https::serve(
+        listener,
+        config,
+        webhook::router(reader),
+        stopped(stop.clone()),
+    ));
+
+    // Renew before expiry and pick up certificates other replicas issued.
+    let (name, config_name, mut current) = (
+        args.webhook_secret.clone(),
+        args.webhook_config.clone(),
+        bundle,
+    );
+    let mut stop_renew = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop_renew.wait_for(|s| *s) => return,
+                () = tokio::time::sleep(Duration::from_secs(600)) => {}
+            }
+            match certs::ensure(&secrets, &name, &settings).await {
+                Ok(b) if b != current => match store.set(&b.cert_pem, &b.key_pem) {
+                    Ok(()) => {
+                        tracing::info!(not_after = %b.not_after, "webhook certificate reloaded");
+                        current = b;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "reloading the webhook certificate"),
+                },
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "checking the webhook certificate"),
+            }
+            if let Err(e) = certs::patch_ca_bundle(&configs, &config_name, &current.ca_pem).await {
+                tracing::warn!(error = %e, "writing the CA bundle");
+            }
+        }
+    });
+    Ok(server)
 }
 
 #[tokio::main]
@@ -32,33 +199,66 @@ async fn main() -> anyhow::Result<()> {
         .json()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log_level)?)
         .init();
-    let client = kube::Client::try_default().await?;
-    let observed = Arc::new(Observed::default());
-    let listener = tokio::net::TcpListener::bind(args.admin_addr).await?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let router = admin_router(observed.clone());
-    let mut rx = stop_rx.clone();
-    let admin = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = rx.wait_for(|s| *s).await;
-            })
-            .await
+    let client = Client::try_default().await?;
+    let identity = args.pod_name.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map_or_else(|_| "nencache-operator".into(), |h| h.trim().to_string())
     });
-    let signal = async {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! { _ = term.recv() => {}, _ = tokio::signal::ctrl_c() => {} }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-        tracing::info!("shutting down");
+    let observed = Arc::new(Observed::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_tx = Arc::new(stop_tx);
+    let on_signal = stop_tx.clone();
+    tokio::spawn(async move {
+        signal().await;
+        let _ = on_signal.send(true);
+    });
+
+    let listener = tokio::net::TcpListener::bind(args.admin_addr).await?;
+    let admin = tokio::spawn(
+        axum::serve(listener, admin_router(observed.clone()))
+            .with_graceful_shutdown(stopped(stop_rx.clone()))
+            .into_future(),
+    );
+    let webhook = if args.webhook {
+        Some(start_webhook(&args, &client, &stop_rx).await?)
+    } else {
+        None
     };
-    run(client, observed, signal).await;
+    observed.set_ready(true);
+
+    let reporter = Reporter {
+        controller: "nencache-operator".into(),
+        instance: Some(identity.clone()),
+    };
+    let controller = run(
+        client.clone(),
+        reporter,
+        observed.clone(),
+        stopped(stop_rx.clone()),
+    );
+    let outcome = if args.leader_elect {
+        let elector = Elector::new(
+            Api::<Lease>::namespaced(client, &args.namespace),
+            LeaseSettings::new(&args.lease_name, &identity),
+        );
+        match elector.acquire(stopped(stop_rx.clone())).await {
+            Ok(true) => elector.lead(controller).await.map_err(anyhow::Error::from),
+            Ok(false) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    } else {
+        controller.await;
+        Ok(())
+    };
+    // Lost leadership ends the process (its pod restarts as a standby), as a signal does.
+    observed.set_ready(false);
+    if let Err(e) = &outcome {
+        tracing::error!(error = %e, "stopping");
+    }
     let _ = stop_tx.send(true);
+    if let Some(w) = webhook {
+        w.await?;
+    }
     admin.await??;
-    Ok(())
+    outcome
 }
