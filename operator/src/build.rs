@@ -250,8 +250,10 @@ pub fn build(ncc: &NenCacheCluster, v: &Validated) -> Resources {
         )])),
         ..ConfigMap::default()
     };
+    // The agent never calls the API server: its identity carries no token and no RBAC.
     let service_account = ServiceAccount {
         metadata: meta(ncc, agent.clone()),
+        automount_service_account_token: Some(false),
         ..ServiceAccount::default()
     };
     let port = i32::from(ncc.spec.metrics.port);
@@ -389,6 +391,7 @@ fn pod_template(ncc: &NenCacheCluster, v: &Validated, agent: &str) -> PodTemplat
         }),
         spec: Some(PodSpec {
             service_account_name: Some(agent.into()),
+            automount_service_account_token: Some(false),
             node_selector: Some(s.node_selector.clone()),
             tolerations: (!s.tolerations.is_empty()).then(|| s.tolerations.clone()),
             affinity: s.affinity.clone(),

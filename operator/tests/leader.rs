@@ -16,7 +16,7 @@ use nencache_operator::leader::{Elector, LeaderError, LeaseSettings};
 
 mod common;
 
-use common::{FakeApi, client};
+use common::fake_api::{FakeApi, client};
 
 const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/ops/leases/leader";
 

@@ -1,37 +1,26 @@
 //! Every object the operator generates, and the CRD itself, validated offline against the
 //! official Kubernetes schemas in strict mode (unknown fields rejected) with PyPI's
-//! `kubernetes-validate`, which `.ci/run` installs. Where it is not installed the test says so
-//! and passes.
+//! `kubernetes-validate`, which `.ci/run` installs; and the custom resource examples in
+//! docs/examples and the test fixtures checked against the CRD's own schema. Where the
+//! validators are not installed the tests say so and pass (under CI they fail).
 
 // Helpers outside #[test] functions fail loudly too.
 #![allow(clippy::unwrap_used)]
 
-use std::process::Command;
+mod common;
 
+use std::path::PathBuf;
+
+use common::tools;
 use kube::CustomResourceExt;
 use nencache_operator::{
     build::{build, validate},
     crd::NenCacheCluster,
 };
 
-fn validator_present() -> bool {
-    Command::new("python3")
-        .args(["-c", "import kubernetes_validate"])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
 #[test]
 fn generated_manifests_pass_strict_kubernetes_validation() {
-    if !validator_present() {
-        // CI installs it, so there a missing validator is a failure, not a skip.
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "kubernetes-validate is not installed"
-        );
-        eprintln!(
-            "skipped: kubernetes-validate is not installed (pip install kubernetes-validate)"
-        );
+    if !tools::kubernetes_validate_present() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -67,30 +56,55 @@ fn generated_manifests_pass_strict_kubernetes_validation() {
             serde_yaml_ng::to_string(&r.service_account).unwrap(),
         );
     }
-    // The oldest and newest Kubernetes versions k8s-openapi is built for here.
-    for version in ["1.33.0", "1.37.0"] {
-        let out = Command::new("python3")
-            .args([
-                "-m",
-                "kubernetes_validate",
-                "--strict",
-                "--no-warn",
-                "-k",
-                version,
-            ])
-            .args(&files)
-            .output()
-            .unwrap();
-        let report = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(out.status.success(), "Kubernetes {version}: {report}");
-        assert_eq!(
-            report.matches("passed for resource").count(),
-            files.len(),
-            "{report}"
-        );
+    tools::kubernetes_validate(&files);
+}
+
+#[test]
+fn custom_resource_examples_match_the_crd_schema() {
+    if !tools::kubernetes_validate_present() {
+        return;
+    }
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let crd = PathBuf::from(format!("{root}/crds/nencachecluster.yaml"));
+    let mut files: Vec<PathBuf> = std::fs::read_dir(format!("{root}/docs/examples"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            std::fs::read_to_string(p)
+                .unwrap()
+                .contains("kind: NenCacheCluster")
+        })
+        .collect();
+    for fixture in ["minimal.yaml", "full.yaml"] {
+        files.push(format!("{}/tests/fixtures/{fixture}", env!("CARGO_MANIFEST_DIR")).into());
+    }
+    assert!(files.len() >= 4, "{files:?}");
+    let errors = tools::crd_schema_errors(&crd, &files);
+    for (file, error) in files.iter().zip(&errors) {
+        assert_eq!(error, &None, "{}", file.display());
+    }
+
+    // The check can fail: wrong types, bad sizes and unknown enum values are caught.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = [
+        "spec: {tiers: {host: {size: lots}}}",
+        "spec: {imagePullPolicy: Sometimes}",
+        "spec: {metrics: {port: 0}}",
+        "spec: {tiers: {host: {lockMemory: \"yes\"}}}",
+    ];
+    let bad_files: Vec<PathBuf> = bad
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| {
+            let p = dir.path().join(format!("bad{i}.yaml"));
+            let doc = format!(
+                "apiVersion: nencache.io/v1alpha1\nkind: NenCacheCluster\nmetadata: {{name: c}}\n{spec}\n"
+            );
+            std::fs::write(&p, doc).unwrap();
+            p
+        })
+        .collect();
+    for (spec, error) in bad.iter().zip(tools::crd_schema_errors(&crd, &bad_files)) {
+        assert!(error.is_some(), "{spec} was accepted");
     }
 }

@@ -11,7 +11,7 @@ mod common;
 use std::sync::Arc;
 
 use base64::Engine;
-use common::{FakeApi, client};
+use common::fake_api::{FakeApi, client};
 use k8s_openapi::{
     api::{admissionregistration::v1::MutatingWebhookConfiguration, core::v1::Secret},
     jiff::Timestamp,
