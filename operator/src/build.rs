@@ -384,6 +384,49 @@ fn pod_template(ncc: &NenCacheCluster, v: &Validated, agent: &str) -> PodTemplat
         ]),
         ..Container::default()
     };
+    // The kubelet creates the hostPath socket directory owned by root; this hands it to the
+    // agent's user before the agent starts. Root, but with CHOWN as its only capability.
+    let prepare = Container {
+        name: "prepare-socket-dir".into(),
+        image: Some(s.image.clone()),
+        image_pull_policy: Some(s.image_pull_policy.as_str().into()),
+        args: Some(vec![
+            "prepare-dir".into(),
+            "--uid".into(),
+            AGENT_UID.to_string(),
+            "--gid".into(),
+            AGENT_UID.to_string(),
+            "--mode".into(),
+            "750".into(),
+            s.socket_dir.clone(),
+        ]),
+        resources: Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".into(), Quantity("10m".into())),
+                ("memory".into(), Quantity("16Mi".into())),
+            ])),
+            limits: Some(BTreeMap::from([("memory".into(), Quantity("32Mi".into()))])),
+            ..ResourceRequirements::default()
+        }),
+        security_context: Some(SecurityContext {
+            run_as_user: Some(0),
+            run_as_non_root: Some(false),
+            privileged: Some(false),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                add: Some(vec!["CHOWN".into()]),
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "sockets".into(),
+            mount_path: s.socket_dir.clone(),
+            ..VolumeMount::default()
+        }]),
+        ..Container::default()
+    };
     PodTemplateSpec {
         metadata: Some(ObjectMeta {
             labels: Some(labels(&ncc.name_any())),
@@ -408,6 +451,7 @@ fn pod_template(ncc: &NenCacheCluster, v: &Validated, agent: &str) -> PodTemplat
                 }),
                 ..PodSecurityContext::default()
             }),
+            init_containers: Some(vec![prepare]),
             containers: vec![container],
             volumes: Some(vec![
                 Volume {

@@ -4,8 +4,9 @@
 //! `POST /mutate-pods`, which [`crate::https`] serves over TLS.
 //!
 //! An injected pod gets a hostPath volume of the cluster's socket directory, mounted at the
-//! same path in every container, and `NENCACHE_SOCKET` pointing at the agent's socket (a
-//! value the pod already sets is kept). Injection is idempotent: a pod that already has the
+//! same path in every container and init container, `NENCACHE_SOCKET` pointing at the
+//! agent's socket (a value the pod already sets is kept), and the agent's group as a
+//! supplemental group, since the sockets are open to that group only. Injection is idempotent: a pod that already has the
 //! volume is left alone. A labelled pod that cannot be injected (no cluster, or several and no
 //! `nencache.io/cluster` annotation naming one) is admitted unchanged except for a
 //! `nencache.io/skip-reason` annotation saying why.
@@ -38,7 +39,7 @@ use kube::{
 };
 use serde_json::{Value, json};
 
-use crate::crd::NenCacheCluster;
+use crate::{build::AGENT_UID, crd::NenCacheCluster};
 
 /// Label that asks for injection.
 pub const INJECT_LABEL: &str = "nencache.io/inject";
@@ -201,34 +202,46 @@ pub fn patch_ops(pod: &Pod, decision: &Decision) -> Vec<Value> {
             }
             let mount = json!({"name": SOCKET_VOLUME, "mountPath": socket_dir});
             let env = injected_env(socket_dir, lmcache);
-            for (i, c) in spec
-                .map(|s| s.containers.as_slice())
-                .unwrap_or_default()
-                .iter()
-                .enumerate()
-            {
-                let base = format!("/spec/containers/{i}");
-                match &c.volume_mounts {
-                    None => ops.push(json!({"op": "add", "path": format!("{base}/volumeMounts"), "value": [mount]})),
-                    Some(_) => ops.push(json!({"op": "add", "path": format!("{base}/volumeMounts/-"), "value": mount})),
+            let lists = [
+                ("containers", spec.map(|s| s.containers.as_slice())),
+                (
+                    "initContainers",
+                    spec.and_then(|s| s.init_containers.as_deref()),
+                ),
+            ];
+            for (list, containers) in lists {
+                for (i, c) in containers.unwrap_or_default().iter().enumerate() {
+                    let base = format!("/spec/{list}/{i}");
+                    match &c.volume_mounts {
+                        None => ops.push(json!({"op": "add", "path": format!("{base}/volumeMounts"), "value": [mount]})),
+                        Some(_) => ops.push(json!({"op": "add", "path": format!("{base}/volumeMounts/-"), "value": mount})),
+                    }
+                    let has = |name: &Value| {
+                        c.env
+                            .iter()
+                            .flatten()
+                            .any(|v| Some(v.name.as_str()) == name.as_str())
+                    };
+                    let missing: Vec<Value> =
+                        env.iter().filter(|e| !has(&e["name"])).cloned().collect();
+                    match &c.env {
+                        _ if missing.is_empty() => {}
+                        None => ops.push(
+                            json!({"op": "add", "path": format!("{base}/env"), "value": missing}),
+                        ),
+                        Some(_) => ops.extend(missing.into_iter().map(
+                            |e| json!({"op": "add", "path": format!("{base}/env/-"), "value": e}),
+                        )),
+                    }
                 }
-                let has = |name: &Value| {
-                    c.env
-                        .iter()
-                        .flatten()
-                        .any(|v| Some(v.name.as_str()) == name.as_str())
-                };
-                let missing: Vec<Value> =
-                    env.iter().filter(|e| !has(&e["name"])).cloned().collect();
-                match &c.env {
-                    _ if missing.is_empty() => {}
-                    None => ops.push(
-                        json!({"op": "add", "path": format!("{base}/env"), "value": missing}),
-                    ),
-                    Some(_) => ops.extend(missing.into_iter().map(
-                        |e| json!({"op": "add", "path": format!("{base}/env/-"), "value": e}),
-                    )),
-                }
+            }
+            // The agent's sockets are group-accessible (0660, directory 0750): join its group.
+            let sc = spec.and_then(|s| s.security_context.as_ref());
+            match sc.map(|sc| sc.supplemental_groups.as_deref()) {
+                None => ops.push(json!({"op": "add", "path": "/spec/securityContext", "value": {"supplementalGroups": [AGENT_UID]}})),
+                Some(None) => ops.push(json!({"op": "add", "path": "/spec/securityContext/supplementalGroups", "value": [AGENT_UID]})),
+                Some(Some(groups)) if !groups.contains(&AGENT_UID) => ops.push(json!({"op": "add", "path": "/spec/securityContext/supplementalGroups/-", "value": AGENT_UID})),
+                Some(Some(_)) => {}
             }
             annotate(pod, INJECTED_ANNOTATION, cluster, &mut ops);
             if let Lmcache::Unavailable(reason) = lmcache {

@@ -75,6 +75,26 @@ fn minimal_spec_gets_gpu_nodes_defaults_and_a_locked_down_pod() {
         .find(|v| v.name == "sockets")
         .unwrap();
     assert_eq!(sockets.host_path.as_ref().unwrap().path, "/run/nencache");
+    // The init container hands the root-owned hostPath to the agent's user, with CHOWN only.
+    let init = &pod.init_containers.as_ref().unwrap()[0];
+    let args = init.args.as_ref().unwrap();
+    assert_eq!(args.first().map(String::as_str), Some("prepare-dir"));
+    assert_eq!(args.last().map(String::as_str), Some("/run/nencache"));
+    let isc = init.security_context.as_ref().unwrap();
+    assert_eq!(
+        (isc.privileged, isc.allow_privilege_escalation),
+        (Some(false), Some(false))
+    );
+    let icaps = isc.capabilities.as_ref().unwrap();
+    assert_eq!(icaps.drop.as_deref(), Some(&["ALL".to_string()][..]));
+    assert_eq!(icaps.add.as_deref(), Some(&["CHOWN".to_string()][..]));
+    // The agent never calls the API server.
+    assert_eq!(pod.automount_service_account_token, Some(false));
+    assert_eq!(
+        r.service_account.automount_service_account_token,
+        Some(false)
+    );
+    assert!(r.service_monitor.is_none());
     let svc = r.service.spec.as_ref().unwrap();
     assert_eq!(svc.cluster_ip.as_deref(), Some("None"));
     assert_eq!(svc.selector, ds.spec.selector.match_labels);

@@ -256,3 +256,40 @@ fn asking_for_lmcache_without_a_listener_injects_the_socket_and_says_why_not_lmc
         "{env:?}"
     );
 }
+
+#[test]
+fn init_containers_get_the_socket_and_the_pod_joins_the_agents_group() {
+    let clusters = [cluster("cache", "a", "/run/nencache")];
+    let mut p = pod(json!({"nencache.io/inject": "true"}), json!({}), vllm());
+    p["spec"]["initContainers"] = json!([{"name": "warm", "image": "warmer"}]);
+    let out = admit(&p, &clusters).unwrap();
+    let init = &out["spec"]["initContainers"][0];
+    assert_eq!(init["volumeMounts"][0]["mountPath"], "/run/nencache");
+    assert_eq!(init["env"][0]["name"], "NENCACHE_SOCKET");
+    assert_eq!(
+        out["spec"]["securityContext"]["supplementalGroups"],
+        json!([65532])
+    );
+    serde_json::from_value::<Pod>(out).unwrap();
+
+    // Groups the pod has are kept, and the agent's is added once.
+    p["spec"]["securityContext"] = json!({"runAsUser": 1000, "supplementalGroups": [1000]});
+    let out = admit(&p, &clusters).unwrap();
+    assert_eq!(
+        out["spec"]["securityContext"]["supplementalGroups"],
+        json!([1000, 65532])
+    );
+    assert_eq!(out["spec"]["securityContext"]["runAsUser"], 1000);
+    p["spec"]["securityContext"] = json!({"supplementalGroups": [65532]});
+    let out = admit(&p, &clusters).unwrap();
+    assert_eq!(
+        out["spec"]["securityContext"]["supplementalGroups"],
+        json!([65532])
+    );
+    p["spec"]["securityContext"] = json!({"fsGroup": 7});
+    let out = admit(&p, &clusters).unwrap();
+    assert_eq!(
+        out["spec"]["securityContext"],
+        json!({"fsGroup": 7, "supplementalGroups": [65532]})
+    );
+}

@@ -1,6 +1,10 @@
 //! The agent's sockets as managed resources: the parent directory is created, a lock file
 //! proves that no other agent serves the same path, stale socket files are replaced, and
 //! permissions are set to 0660 so that pods in the socket's group can connect.
+//!
+//! [`prepare_dir`] readies a socket directory for an agent that runs as an unprivileged user:
+//! Kubernetes creates a hostPath directory owned by root, so an init container (root, with
+//! only `CAP_CHOWN`) hands it to the agent's user and group first.
 
 use std::{
     fs::{self, DirBuilder, File, OpenOptions},
@@ -132,9 +136,58 @@ impl SocketPaths {
     }
 }
 
+/// Creates `dir` (and its parents) if needed, makes it owned by `uid:gid` and sets `mode`.
+/// An existing non-directory at `dir` is an error, not replaced.
+///
+/// # Errors
+/// When a filesystem call fails (for instance `chown` without `CAP_CHOWN`).
+pub fn prepare_dir(dir: &Path, uid: u32, gid: u32, mode: u32) -> Result<(), SocketError> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(dir)
+        .map_err(io("creating directory", dir))?;
+    let meta = fs::symlink_metadata(dir).map_err(io("inspecting", dir))?;
+    if !meta.is_dir() {
+        return Err(SocketError::Io {
+            what: "preparing",
+            path: dir.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory"),
+        });
+    }
+    std::os::unix::fs::chown(dir, Some(uid), Some(gid)).map_err(io("changing owner of", dir))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(mode))
+        .map_err(io("setting permissions on", dir))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::MetadataExt;
+
     use super::*;
+
+    #[test]
+    fn a_prepared_directory_has_the_owner_and_mode_asked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("run/nencache");
+        let (uid, gid) = (
+            rustix::process::getuid().as_raw(),
+            rustix::process::getgid().as_raw(),
+        );
+        prepare_dir(&target, uid, gid, 0o750).unwrap();
+        let m = fs::metadata(&target).unwrap();
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (uid, gid, 0o750));
+        // Idempotent, and a mode change on an existing directory takes.
+        prepare_dir(&target, uid, gid, 0o770).unwrap();
+        assert_eq!(fs::metadata(&target).unwrap().mode() & 0o7777, 0o770);
+        // A file in the way is refused, and left alone.
+        let file = dir.path().join("file");
+        fs::write(&file, b"keep").unwrap();
+        let err = prepare_dir(&file, uid, gid, 0o750).unwrap_err();
+        assert!(err.to_string().contains("file"), "{err}");
+        assert_eq!(fs::read(&file).unwrap(), b"keep");
+    }
 
     #[test]
     fn second_claim_is_refused_and_stale_files_are_replaced() {

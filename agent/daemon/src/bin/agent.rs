@@ -1,5 +1,6 @@
-//! `nencache-agent`: the node agent binary. Parses flags, installs telemetry, and serves until
-//! SIGTERM or SIGINT.
+//! `nencache-agent`: the node agent binary. `serve` parses flags, installs telemetry, and
+//! serves until SIGTERM or SIGINT; `prepare-dir` readies a root-owned socket directory for an
+//! agent that runs unprivileged (the DaemonSet's init container).
 
 use clap::{Parser, Subcommand};
 use nencache_agent::{
@@ -23,13 +24,44 @@ struct Cli {
 enum Command {
     /// Serve the cache on a Unix socket.
     Serve(ServeArgs),
+    /// Create a socket directory and give it to the agent's user (needs CAP_CHOWN).
+    PrepareDir {
+        /// The directory.
+        dir: std::path::PathBuf,
+        /// Owner.
+        #[arg(long, default_value_t = 65532)]
+        uid: u32,
+        /// Group (pods that connect need it as a supplemental group).
+        #[arg(long, default_value_t = 65532)]
+        gid: u32,
+        /// Permission bits, in octal.
+        #[arg(long, default_value = "750", value_parser = parse_mode)]
+        mode: u32,
+    },
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s, 8)
+        .ok()
+        .filter(|m| *m <= 0o7777)
+        .ok_or_else(|| format!("{s:?} is not an octal mode such as 750"))
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let Cli {
-        command: Command::Serve(args),
-    } = Cli::parse();
+    let args = match Cli::parse().command {
+        Command::Serve(args) => args,
+        Command::PrepareDir {
+            dir,
+            uid,
+            gid,
+            mode,
+        } => {
+            nencache_agent::socket::prepare_dir(&dir, uid, gid, mode)?;
+            println!("{} ready for {uid}:{gid}, mode {mode:o}", dir.display());
+            return Ok(());
+        }
+    };
     let xdg = std::env::var_os("XDG_RUNTIME_DIR").map(std::path::PathBuf::from);
     let settings = args.resolve(xdg.as_deref())?;
     let _guard = telemetry::init(
