@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the cache on a Unix socket.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Create a socket directory and give it to the agent's user (needs CAP_CHOWN).
     PrepareDir {
         /// The directory.
@@ -50,7 +50,7 @@ fn parse_mode(s: &str) -> Result<u32, String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = match Cli::parse().command {
-        Command::Serve(args) => args,
+        Command::Serve(args) => *args,
         Command::PrepareDir {
             dir,
             uid,
