@@ -1,0 +1,217 @@
+//! The whole path on a real cluster: `helm install` the chart, apply a NenCacheCluster, wait
+//! for its agents, then run a pod labelled for injection whose init container puts a value
+//! through `$NENCACHE_SOCKET` and whose container gets it back. Runs only where a kubeconfig
+//! points at a reachable cluster (see e2e/kind.sh); otherwise it says why and passes.
+
+// Helpers outside #[test] functions fail loudly too.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use k8s_openapi::api::{
+    apps::v1::DaemonSet,
+    core::v1::{Namespace, Pod},
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{DeleteParams, DynamicObject, LogParams, Patch, PatchParams, PostParams},
+    core::{ApiResource, GroupVersionKind},
+};
+use nencache_e2e::{Settings, helm, reachable_cluster, wait_for};
+use serde_json::json;
+
+const VALUE: &str = "hello-from-nencache-e2e";
+
+fn clusters_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("nencache.io", "v1alpha1", "NenCacheCluster"),
+        "nencacheclusters",
+    )
+}
+
+#[tokio::test]
+async fn install_apply_inject_put_and_get() {
+    let client = match reachable_cluster().await {
+        Ok(c) => c,
+        Err(why) => {
+            eprintln!("skipped: {why}; e2e/kind.sh runs this test on a kind cluster");
+            return;
+        }
+    };
+    let s = Settings::from_env().unwrap();
+    if let Err(e) = helm(&s, &["version"]) {
+        eprintln!("skipped: helm does not run ({e}); set HELM or put helm on the PATH");
+        return;
+    }
+    let result = run(&client, &s).await;
+    if !s.keep {
+        cleanup(&client, &s).await;
+    }
+    result.unwrap();
+}
+
+async fn run(client: &Client, s: &Settings) -> anyhow::Result<()> {
+    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/nencache");
+    let repo = format!("operator.image.repository={}", s.operator_repository);
+    let tag = format!("operator.image.tag={}", s.operator_tag);
+    eprintln!("installing the chart into {}", s.operator_namespace);
+    helm(
+        s,
+        &[
+            "upgrade",
+            "--install",
+            "nencache",
+            chart,
+            "--namespace",
+            &s.operator_namespace,
+            "--create-namespace",
+            "--set",
+            &repo,
+            "--set",
+            &tag,
+            "--set",
+            "operator.replicas=1",
+            "--wait",
+            "--timeout",
+            "5m",
+        ],
+    )?;
+
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": s.namespace}});
+    namespaces
+        .patch(
+            &s.namespace,
+            &PatchParams::apply("nencache-e2e"),
+            &Patch::Apply(&ns),
+        )
+        .await?;
+
+    // A small cache on every Linux node (kind nodes carry no GPU label).
+    let clusters: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), &s.namespace, &clusters_resource());
+    let ncc = json!({
+        "apiVersion": "nencache.io/v1alpha1", "kind": "NenCacheCluster",
+        "metadata": {"name": "cache", "namespace": s.namespace},
+        "spec": {
+            "image": s.agent_image,
+            "nodeSelector": {"kubernetes.io/os": "linux"},
+            "tiers": {"host": {"size": "256Mi"}},
+        },
+    });
+    clusters
+        .patch(
+            "cache",
+            &PatchParams::apply("nencache-e2e").force(),
+            &Patch::Apply(&ncc),
+        )
+        .await?;
+    eprintln!("waiting for the agents");
+    wait_for(
+        "the NenCacheCluster to be Ready",
+        Duration::from_secs(300),
+        || {
+            let clusters = clusters.clone();
+            async move {
+                let c = clusters.get("cache").await?;
+                let ready = c.data["status"]["conditions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True");
+                Ok(ready.then_some(()))
+            }
+        },
+    )
+    .await?;
+    let ds: Api<DaemonSet> = Api::namespaced(client.clone(), &s.namespace);
+    let agents = ds.get("cache-agent").await?;
+    let ready = agents.status.map_or(0, |s| s.number_ready);
+    anyhow::ensure!(ready >= 1, "no agent ready");
+
+    // An injected pod, running as an arbitrary user: the agent's group is what lets it in.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &s.namespace);
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "put-get", "labels": {"nencache.io/inject": "true"}},
+        "spec": {
+            "restartPolicy": "Never",
+            "securityContext": {"runAsUser": 1234, "runAsGroup": 1234, "runAsNonRoot": true},
+            "initContainers": [{
+                "name": "put", "image": s.agent_image,
+                "command": ["/usr/local/bin/nencache"], "args": ["put", "e2e-key", "--value", VALUE],
+            }],
+            "containers": [{
+                "name": "get", "image": s.agent_image,
+                "command": ["/usr/local/bin/nencache"], "args": ["get", "e2e-key"],
+            }],
+        },
+    }))?;
+    let _ = pods.delete("put-get", &DeleteParams::default()).await;
+    wait_for("the old test pod to go", Duration::from_secs(60), || {
+        let pods = pods.clone();
+        async move { Ok(pods.get_opt("put-get").await?.is_none().then_some(())) }
+    })
+    .await?;
+    let created = pods.create(&PostParams::default(), &pod).await?;
+    let annotations = created.annotations();
+    anyhow::ensure!(
+        annotations
+            .get("nencache.io/injected-by")
+            .map(String::as_str)
+            == Some(&format!("{}/cache", s.namespace)),
+        "the pod was not injected: {annotations:?}"
+    );
+    eprintln!("waiting for the put and the get");
+    let phase = wait_for("the test pod to finish", Duration::from_secs(180), || {
+        let pods = pods.clone();
+        async move {
+            let p = pods.get("put-get").await?;
+            let phase = p.status.and_then(|s| s.phase).unwrap_or_default();
+            Ok(matches!(phase.as_str(), "Succeeded" | "Failed").then_some(phase))
+        }
+    })
+    .await?;
+    let put_log = pods
+        .logs(
+            "put-get",
+            &LogParams {
+                container: Some("put".into()),
+                ..LogParams::default()
+            },
+        )
+        .await
+        .unwrap_or_default();
+    let get_log = pods
+        .logs(
+            "put-get",
+            &LogParams {
+                container: Some("get".into()),
+                ..LogParams::default()
+            },
+        )
+        .await
+        .unwrap_or_default();
+    anyhow::ensure!(
+        phase == "Succeeded" && get_log.contains(VALUE),
+        "pod {phase}; put said {put_log:?}; get said {get_log:?}"
+    );
+    eprintln!("the value came back through the node's agent");
+    Ok(())
+}
+
+async fn cleanup(client: &Client, s: &Settings) {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let _ = namespaces
+        .delete(&s.namespace, &DeleteParams::default())
+        .await;
+    let _ = helm(
+        s,
+        &[
+            "uninstall",
+            "nencache",
+            "--namespace",
+            &s.operator_namespace,
+        ],
+    );
+}
