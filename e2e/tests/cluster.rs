@@ -172,26 +172,15 @@ async fn run(client: &Client, s: &Settings) -> anyhow::Result<()> {
         }
     })
     .await?;
-    let put_log = pods
-        .logs(
-            "put-get",
-            &LogParams {
-                container: Some("put".into()),
-                ..LogParams::default()
-            },
-        )
-        .await
-        .unwrap_or_default();
-    let get_log = pods
-        .logs(
-            "put-get",
-            &LogParams {
-                container: Some("get".into()),
-                ..LogParams::default()
-            },
-        )
-        .await
-        .unwrap_or_default();
+    let log_of = |container: &str| {
+        let params = LogParams {
+            container: Some(container.into()),
+            ..LogParams::default()
+        };
+        let pods = pods.clone();
+        async move { pods.logs("put-get", &params).await.unwrap_or_default() }
+    };
+    let (put_log, get_log) = (log_of("put").await, log_of("get").await);
     anyhow::ensure!(
         phase == "Succeeded" && get_log.contains(VALUE),
         "pod {phase}; put said {put_log:?}; get said {get_log:?}"

@@ -232,13 +232,22 @@ pub async fn reconcile(ncc: Arc<NenCacheCluster>, ctx: Arc<Context>) -> Result<A
         "kind": "NenCacheCluster",
         "status": status,
     });
-    api.patch_status(
-        &ncc.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(kube_err("patch_status"))?;
+    let written = api
+        .patch_status(
+            &ncc.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await;
+    match written {
+        Ok(_) => {}
+        // Deleted while we worked: its owned objects go with it, nothing is left to report.
+        Err(kube::Error::Api(e)) if e.code == 404 => {
+            tracing::debug!(cluster = %ncc.name_any(), "deleted during reconcile");
+            return Ok(Action::await_change());
+        }
+        Err(e) => return Err(kube_err("patch_status")(e)),
+    }
     notes.extend(transitions(&ncc, ncc.status.as_ref(), &status));
     publish(&ctx, &ncc, &notes).await;
     Ok(Action::requeue(std::time::Duration::from_secs(300)))

@@ -357,3 +357,20 @@ fn events_are_published_on_transitions_only() {
     let newer = with_status(5, &[("ConfigValid", "True"), ("Ready", "True")]);
     assert_eq!(reasons(&newer, &ready), vec![(false, "Applied")]);
 }
+
+#[tokio::test]
+async fn a_cluster_deleted_mid_reconcile_ends_it_quietly() {
+    let (ctx, mut h) = mock();
+    let spec = json!({"tiers": {"host": {"size": "lots"}}});
+    let task = tokio::spawn(reconcile(Arc::new(cluster(spec)), ctx));
+    let status_path = "/apis/nencache.io/v1alpha1/namespaces/ml/nencacheclusters/cache/status";
+    expect_apply(&mut h, status_path, StatusCode::NOT_FOUND, |_| not_found()).await;
+    // No event for a cluster that is gone (one would wait on the mock forever), and no error
+    // to retry.
+    let action = tokio::time::timeout(std::time::Duration::from_secs(5), task)
+        .await
+        .expect("the reconcile made another request")
+        .unwrap()
+        .unwrap();
+    assert_eq!(action, kube::runtime::controller::Action::await_change());
+}

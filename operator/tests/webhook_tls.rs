@@ -173,6 +173,11 @@ async fn admission_reviews_are_answered_over_tls_with_the_operators_own_ca() {
     );
 }
 
+/// The status of `GET /healthz` for a client trusting `ca_pem`, or the TLS failure.
+async fn health(addr: std::net::SocketAddr, ca_pem: &str) -> std::io::Result<u16> {
+    Ok(https(addr, ca_pem, "GET", "/healthz", "").await?.0)
+}
+
 #[tokio::test]
 async fn a_rotated_certificate_is_served_to_new_connections_without_a_restart() {
     let old = certs::issue(&settings(), Timestamp::now(), None).unwrap();
@@ -180,47 +185,23 @@ async fn a_rotated_certificate_is_served_to_new_connections_without_a_restart() 
     let new = certs::issue(&settings(), Timestamp::now(), Some(&old.ca_pem)).unwrap();
     // The new bundle trusts both CAs: replicas still serving the old certificate stay valid.
     assert_eq!(new.ca_pem.matches("BEGIN CERTIFICATE").count(), 2);
-    assert!(
-        https(addr, &new.ca_pem, "GET", "/healthz", "")
-            .await
-            .is_ok()
-    );
+    assert_eq!(health(addr, &new.ca_pem).await.unwrap(), 200);
     let new_ca_only = new
         .ca_pem
         .split_inclusive("-----END CERTIFICATE-----")
         .next()
         .unwrap();
-    assert!(
-        https(addr, new_ca_only, "GET", "/healthz", "")
-            .await
-            .is_err()
-    );
+    assert!(health(addr, new_ca_only).await.is_err());
     store.set(&new.cert_pem, &new.key_pem).unwrap();
-    assert_eq!(
-        https(addr, new_ca_only, "GET", "/healthz", "")
-            .await
-            .unwrap()
-            .0,
-        200
-    );
-    assert!(
-        https(addr, &old.ca_pem, "GET", "/healthz", "")
-            .await
-            .is_err()
-    );
+    assert_eq!(health(addr, new_ca_only).await.unwrap(), 200);
+    assert!(health(addr, &old.ca_pem).await.is_err());
     // A bad certificate is refused and the current one kept.
     assert!(store.set("garbage", &new.key_pem).is_err());
     assert!(
         store.set(&new.cert_pem, &old.key_pem).is_err(),
         "key must match"
     );
-    assert_eq!(
-        https(addr, new_ca_only, "GET", "/healthz", "")
-            .await
-            .unwrap()
-            .0,
-        200
-    );
+    assert_eq!(health(addr, new_ca_only).await.unwrap(), 200);
 }
 
 const SECRET: &str = "/api/v1/namespaces/nencache-system/secrets/nencache-webhook-tls";
