@@ -565,29 +565,21 @@ impl Client {
             return r;
         }
         let slots = self.reserve(&items).await?;
-        // Write and commit in groups, each commit in flight while the next group is written:
-        // the agent's copy into the arena then overlaps the client's copy into staging.
+        // Each group's commit is in flight while the next group is written: the agent's copy
+        // into the arena then overlaps the client's copy into staging.
         let mut pending = Vec::new();
-        let mut group = Vec::new();
-        let mut group_bytes = 0;
-        let last = slots.iter().rposition(Option::is_some);
-        for (i, (slot, p)) in slots.iter().zip(puts).enumerate() {
-            let Some(slot) = slot else { continue };
-            self.write_slot(slot, 0, p.value)?;
-            let sum = self.options.verify_puts.then(|| checksum(p.value));
-            group.push(v1::CommitItem {
-                reservation_id: slot.id,
-                checksum: sum,
-            });
-            group_bytes += p.value.len();
-            if group_bytes >= PIPELINE_BYTES || Some(i) == last {
-                let req = v1::CommitRequest {
-                    session: self.session,
-                    items: std::mem::take(&mut group),
-                };
-                pending.push(tokio::spawn(commit_request(self.grpc.clone(), req)));
-                group_bytes = 0;
-            }
+        for group in self.commit_groups(&slots, puts) {
+            let req = v1::CommitRequest {
+                session: self.session,
+                items: group?
+                    .into_iter()
+                    .map(|(reservation_id, checksum)| v1::CommitItem {
+                        reservation_id,
+                        checksum,
+                    })
+                    .collect(),
+            };
+            pending.push(tokio::spawn(commit_request(self.grpc.clone(), req)));
         }
         let mut outcomes = Vec::with_capacity(slots.len());
         for h in pending {
@@ -596,14 +588,37 @@ impl Client {
                 .map_err(|e| ClientError::Protocol(format!("commit task: {e}")))?;
             outcomes.extend(r?);
         }
-        let mut it = outcomes.into_iter();
-        Ok(slots
+        Ok(outcomes_of(&slots, outcomes))
+    }
+
+    /// The commits of a batch, in groups of about [`PIPELINE_BYTES`]: each group's values are
+    /// written into their staging slots as the group is taken, so a caller that sends each
+    /// group before taking the next lets the agent copy one group while this client writes
+    /// the next.
+    fn commit_groups<'a>(
+        &'a self,
+        slots: &'a [Option<Slot>],
+        puts: &'a [Put<'_>],
+    ) -> impl Iterator<Item = Result<Vec<(u64, Option<u64>)>>> + 'a {
+        let mut reserved = slots
             .iter()
-            .map(|s| match s {
-                Some(_) => it.next().unwrap_or(PutOutcome::Stored),
-                None => PutOutcome::Exists,
-            })
-            .collect())
+            .zip(puts)
+            .filter_map(|(s, p)| Some((s.as_ref()?, p.value)));
+        std::iter::from_fn(move || {
+            let mut group = Vec::new();
+            let mut bytes = 0;
+            for (slot, value) in reserved.by_ref() {
+                if let Err(e) = self.write_slot(slot, 0, value) {
+                    return Some(Err(e));
+                }
+                group.push((slot.id, self.options.verify_puts.then(|| checksum(value))));
+                bytes += value.len();
+                if bytes >= PIPELINE_BYTES {
+                    break;
+                }
+            }
+            (!group.is_empty()).then_some(Ok(group))
+        })
     }
 
     /// `put_many` over the session connection, pipelined: one reserve, then each group's
@@ -663,20 +678,9 @@ impl Client {
             })
             .collect::<Result<_>>()?;
         let mut sent = 0;
-        let mut group = Vec::new();
-        let mut group_bytes = 0;
-        let last = slots.iter().rposition(Option::is_some);
-        for (i, (slot, p)) in slots.iter().zip(puts).enumerate() {
-            let Some(slot) = slot else { continue };
-            self.write_slot(slot, 0, p.value)?;
-            group.push((slot.id, self.options.verify_puts.then(|| checksum(p.value))));
-            group_bytes += p.value.len();
-            if group_bytes >= PIPELINE_BYTES || Some(i) == last {
-                st.send(&Request::Commit(std::mem::take(&mut group)))
-                    .await?;
-                sent += 1;
-                group_bytes = 0;
-            }
+        for group in self.commit_groups(&slots, puts) {
+            st.send(&Request::Commit(group?)).await?;
+            sent += 1;
         }
         // Read every response, even after a refusal, so the stream stays in step.
         let mut committed = Vec::with_capacity(slots.len());
@@ -696,15 +700,14 @@ impl Client {
         if let Some(e) = refused {
             return Err(e);
         }
-        let mut it = committed.into_iter();
-        Ok(slots
-            .iter()
-            .map(|s| match s {
-                Some(_) if it.next().unwrap_or(true) => PutOutcome::Stored,
-                Some(_) => PutOutcome::ChecksumMismatch,
-                None => PutOutcome::Exists,
-            })
-            .collect())
+        let committed = committed.into_iter().map(|ok| {
+            if ok {
+                PutOutcome::Stored
+            } else {
+                PutOutcome::ChecksumMismatch
+            }
+        });
+        Ok(outcomes_of(&slots, committed))
     }
 
     /// A slot at `offset` of `len` bytes, checked against the staging area.
@@ -964,6 +967,22 @@ impl Client {
 /// A TTL on the wire: milliseconds, at least 1, or 0 for the agent's default.
 fn ttl_ms(ttl: Option<Duration>) -> u64 {
     ttl.map_or(0, |t| t.as_millis().max(1) as u64)
+}
+
+/// The outcome of each put: `committed` in order for the reserved ones, `Exists` for keys
+/// that were cached already.
+fn outcomes_of(
+    slots: &[Option<Slot>],
+    committed: impl IntoIterator<Item = PutOutcome>,
+) -> Vec<PutOutcome> {
+    let mut it = committed.into_iter();
+    slots
+        .iter()
+        .map(|s| match s {
+            Some(_) => it.next().unwrap_or(PutOutcome::Stored),
+            None => PutOutcome::Exists,
+        })
+        .collect()
 }
 
 /// Values written to staging before their commit is sent, when a batch is pipelined.

@@ -804,3 +804,51 @@ fn prepare_dir_readies_a_socket_directory() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not an octal mode"));
 }
+
+/// A batch bigger than one pipelined group (2 MiB), with keys already cached among the new
+/// ones, over both transports and with checksums: every outcome lines up with its put and
+/// every value reads back.
+#[tokio::test(flavor = "multi_thread")]
+async fn pipelined_batches_line_up_over_both_transports() {
+    let agent = TestAgent::start(&[]);
+    for fast_path in [false, true] {
+        let opts = nencache_client::ClientOptions {
+            fast_path,
+            verify_puts: true,
+            ..Default::default()
+        };
+        let c = Client::connect_with(&agent.socket, opts).await.unwrap();
+        let tag = if fast_path { "fast" } else { "grpc" };
+        let puts: Vec<(Vec<u8>, Vec<u8>)> = (0..10u64)
+            .map(|i| (format!("{tag}/{i}").into_bytes(), pattern(i, 512 << 10)))
+            .collect();
+        for i in [2, 7] {
+            c.put(&puts[i].0, &puts[i].1, b"").await.unwrap();
+        }
+        let batch: Vec<Put<'_>> = puts
+            .iter()
+            .map(|(k, v)| Put {
+                key: k,
+                value: v,
+                metadata: b"",
+                ttl: None,
+            })
+            .collect();
+        let outcomes = c.put_many(&batch).await.unwrap();
+        let expected: Vec<PutOutcome> = (0..10)
+            .map(|i| {
+                if i == 2 || i == 7 {
+                    PutOutcome::Exists
+                } else {
+                    PutOutcome::Stored
+                }
+            })
+            .collect();
+        assert_eq!(outcomes, expected, "{tag}");
+        let keys: Vec<&[u8]> = puts.iter().map(|(k, _)| k.as_slice()).collect();
+        let got = c.get(&keys).await.unwrap();
+        for ((_, v), g) in puts.iter().zip(&got) {
+            assert_eq!(&g.as_ref().unwrap()[..], &v[..], "{tag}");
+        }
+    }
+}
