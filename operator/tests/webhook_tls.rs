@@ -11,7 +11,10 @@ mod common;
 use std::sync::Arc;
 
 use base64::Engine;
-use common::fake_api::{FakeApi, client};
+use common::{
+    fake_api::{FakeApi, client},
+    http::{https, patch_of, review},
+};
 use k8s_openapi::{
     api::{admissionregistration::v1::MutatingWebhookConfiguration, core::v1::Secret},
     jiff::Timestamp,
@@ -26,18 +29,8 @@ use nencache_operator::{
     https::{CertStore, serve},
     webhook::{self, MUTATE_PATH},
 };
-use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject};
 use serde_json::{Value, json};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-};
-use tokio_rustls::{
-    TlsConnector,
-    rustls::{ClientConfig, RootCertStore, crypto::ring},
-};
-
-const HOST: &str = "nencache-webhook.nencache-system.svc";
+use tokio::net::TcpListener;
 
 fn settings() -> CertSettings {
     CertSettings::new("nencache-webhook", "nencache-system")
@@ -49,23 +42,6 @@ fn cluster() -> NenCacheCluster {
         "metadata": {"name": "cache", "namespace": "ml"}, "spec": {},
     }))
     .unwrap()
-}
-
-fn review() -> Value {
-    json!({
-        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-        "request": {
-            "uid": "r-1", "operation": "CREATE",
-            "kind": {"group": "", "version": "v1", "kind": "Pod"},
-            "resource": {"group": "", "version": "v1", "resource": "pods"},
-            "namespace": "ml", "userInfo": {"username": "u"},
-            "object": {
-                "apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": "vllm", "namespace": "ml", "labels": {"nencache.io/inject": "true"}},
-                "spec": {"containers": [{"name": "vllm", "image": "vllm"}]},
-            },
-        },
-    })
 }
 
 /// Starts the webhook on a loopback port; returns its address and certificate store.
@@ -83,48 +59,6 @@ async fn start(bundle: &Bundle) -> (std::net::SocketAddr, Arc<CertStore>) {
         std::future::pending(),
     ));
     (addr, store)
-}
-
-/// Sends one HTTP/1.1 request over TLS trusting only `ca_pem`; returns (status, body).
-async fn https(
-    addr: std::net::SocketAddr,
-    ca_pem: &str,
-    method: &str,
-    path: &str,
-    body: &str,
-) -> std::io::Result<(u16, String)> {
-    let mut roots = RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let config = ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let tcp = TcpStream::connect(addr).await?;
-    let mut tls = TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from(HOST).unwrap(), tcp)
-        .await?;
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    tls.write_all(req.as_bytes()).await?;
-    let mut out = String::new();
-    tls.read_to_string(&mut out).await?;
-    let (head, body) = out.split_once("\r\n\r\n").unwrap();
-    let code = head.split(' ').nth(1).unwrap().parse().unwrap();
-    Ok((code, body.to_string()))
-}
-
-/// The JSON patch in an admission response, decoded from base64.
-fn patch_of(resp: &Value) -> Vec<Value> {
-    let b64 = resp["response"]["patch"].as_str().unwrap();
-    let raw = base64::engine::general_purpose::STANDARD
-        .decode(b64)
-        .unwrap();
-    serde_json::from_slice(&raw).unwrap()
 }
 
 #[tokio::test]
