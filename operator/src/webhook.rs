@@ -31,10 +31,7 @@ use axum::{
 use k8s_openapi::api::core::v1::Pod;
 use kube::{
     ResourceExt,
-    core::{
-        DynamicObject,
-        admission::{AdmissionRequest, AdmissionResponse, AdmissionReview},
-    },
+    core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview},
     runtime::reflector::Store,
 };
 use serde_json::{Value, json};
@@ -252,56 +249,40 @@ pub fn patch_ops(pod: &Pod, decision: &Decision) -> Vec<Value> {
     ops
 }
 
-/// The JSON the API server expects for `review`. kube's `AdmissionResponse` writes the patch
-/// bytes as an array of numbers (kube-rs issue 1781); the API server reads `[]byte` as base64,
-/// so the patch is re-encoded here.
-#[must_use]
-pub fn to_wire(review: &AdmissionReview<DynamicObject>) -> Value {
+/// The JSON the API server expects for `resp`, with `ops` (if any) as its JSON patch. The
+/// patch is written here, base64-encoded, rather than through kube's
+/// `AdmissionResponse::with_patch`, which serializes `[]byte` as an array of numbers (kube-rs
+/// issue 1781) that the API server does not read.
+fn to_wire(resp: AdmissionResponse, ops: &[Value]) -> Value {
     use base64::Engine;
-    let mut v = serde_json::to_value(review).unwrap_or(Value::Null);
-    if let Some(patch) = v.pointer_mut("/response/patch")
-        && let Value::Array(bytes) = patch
+    let mut v = serde_json::to_value(resp.into_review()).unwrap_or(Value::Null);
+    if !ops.is_empty()
+        && let Some(r) = v.get_mut("response").and_then(Value::as_object_mut)
+        && let Ok(patch) = serde_json::to_vec(ops)
     {
-        let raw: Vec<u8> = bytes
-            .iter()
-            .filter_map(Value::as_u64)
-            .map(|b| b as u8)
-            .collect();
-        *patch = Value::String(base64::engine::general_purpose::STANDARD.encode(raw));
+        r.insert("patchType".into(), "JSONPatch".into());
+        let encoded = base64::engine::general_purpose::STANDARD.encode(patch);
+        r.insert("patch".into(), encoded.into());
     }
     v
 }
 
-/// Answers an admission review for a pod. Never denies: a pod that cannot be injected is
-/// admitted (with a skip reason), as `failurePolicy: Ignore` would admit it anyway.
+/// Answers an admission review for a pod with the JSON the API server expects. Never denies:
+/// a pod that cannot be injected is admitted (with a skip reason), as `failurePolicy: Ignore`
+/// would admit it anyway.
 #[must_use]
-pub fn mutate<C: Borrow<NenCacheCluster>>(
-    review: AdmissionReview<Pod>,
-    clusters: &[C],
-) -> AdmissionReview<DynamicObject> {
+pub fn mutate<C: Borrow<NenCacheCluster>>(review: AdmissionReview<Pod>, clusters: &[C]) -> Value {
     let req: AdmissionRequest<Pod> = match review.try_into() {
         Ok(r) => r,
-        Err(e) => return AdmissionResponse::invalid(e.to_string()).into_review(),
+        Err(e) => return to_wire(AdmissionResponse::invalid(e.to_string()), &[]),
     };
     let resp = AdmissionResponse::from(&req);
-    let Some(pod) = &req.object else {
-        return resp.into_review();
-    };
-    let ops = patch_ops(pod, &decide(pod, clusters));
-    if ops.is_empty() {
-        return resp.into_review();
-    }
-    let patched = serde_json::from_value::<json_patch::Patch>(Value::Array(ops))
-        .map_err(|e| e.to_string())
-        .and_then(|p| resp.clone().with_patch(p).map_err(|e| e.to_string()));
-    match patched {
-        Ok(r) => r.into_review(),
-        Err(e) => {
-            let mut r = resp;
-            r.warnings = Some(vec![format!("nencache injection failed: {e}")]);
-            r.into_review()
-        }
-    }
+    let ops = req
+        .object
+        .as_ref()
+        .map(|pod| patch_ops(pod, &decide(pod, clusters)))
+        .unwrap_or_default();
+    to_wire(resp, &ops)
 }
 
 /// Path the webhook configuration points at.
@@ -324,7 +305,7 @@ async fn review(State(clusters): State<Store<NenCacheCluster>>, body: Bytes) -> 
             return (StatusCode::BAD_REQUEST, msg).into_response();
         }
     };
-    let answer = to_wire(&mutate(review, &clusters.state()));
+    let answer = mutate(review, &clusters.state());
     (
         [(header::CONTENT_TYPE, "application/json")],
         answer.to_string(),

@@ -7,10 +7,7 @@
 use base64::Engine;
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::admission::AdmissionReview;
-use nencache_operator::{
-    crd::NenCacheCluster,
-    webhook::{mutate, to_wire},
-};
+use nencache_operator::{crd::NenCacheCluster, webhook::mutate};
 use serde_json::{Value, json};
 
 fn cluster(ns: &str, name: &str, socket_dir: &str) -> NenCacheCluster {
@@ -53,7 +50,7 @@ fn admit(pod: &Value, clusters: &[NenCacheCluster]) -> Option<Value> {
         },
     }))
     .unwrap();
-    let out = to_wire(&mutate(review, clusters));
+    let out = mutate(review, clusters);
     let resp = &out["response"];
     assert_eq!(resp["allowed"], json!(true), "{out}");
     assert_eq!(resp["uid"], json!("705ab4f5-6393-11e8-b7cc-42010a800002"));
