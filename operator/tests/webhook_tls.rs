@@ -13,7 +13,7 @@ use std::sync::Arc;
 use base64::Engine;
 use common::{
     fake_api::{FakeApi, client},
-    http::{https, patch_of, review},
+    http::{https, https_h2, patch_of, review},
 };
 use k8s_openapi::{
     api::{admissionregistration::v1::MutatingWebhookConfiguration, core::v1::Secret},
@@ -86,6 +86,14 @@ async fn admission_reviews_are_answered_over_tls_with_the_operators_own_ca() {
             == json!([{"name": "NENCACHE_SOCKET", "value": "/run/nencache/agent.sock"}])),
         "{ops:?}"
     );
+
+    // The same over HTTP/2, which the API server negotiates when the webhook offers it.
+    let (code, body) = https_h2(addr, &bundle.ca_pem, MUTATE_PATH, review().to_string())
+        .await
+        .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let resp: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(patch_of(&resp), ops);
 
     // Malformed input gets a clear 400, and the server keeps serving.
     let (code, body) = https(addr, &bundle.ca_pem, "POST", MUTATE_PATH, "{not json")

@@ -72,6 +72,59 @@ pub async fn https(
     exchange(tls, method, path, body).await
 }
 
+/// One HTTP/2 POST over TLS (ALPN `h2`, as the API server calls webhooks) trusting only
+/// `ca_pem`; returns (status, body).
+pub async fn https_h2(
+    addr: SocketAddr,
+    ca_pem: &str,
+    path: &str,
+    body: String,
+) -> std::io::Result<(u16, String)> {
+    use http_body_util::BodyExt;
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut config = ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = TcpStream::connect(addr).await?;
+    let tls = TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from(HOST).unwrap(), tcp)
+        .await?;
+    assert_eq!(
+        tls.get_ref().1.alpn_protocol(),
+        Some(&b"h2"[..]),
+        "h2 negotiated"
+    );
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .map_err(std::io::Error::other)?;
+    tokio::spawn(conn);
+    let req = http::Request::post(format!("https://{HOST}{path}"))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(axum::body::Bytes::from(body)))
+        .unwrap();
+    let resp = send
+        .send_request(req)
+        .await
+        .map_err(std::io::Error::other)?;
+    let code = resp.status().as_u16();
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(std::io::Error::other)?
+        .to_bytes();
+    Ok((code, String::from_utf8_lossy(&bytes).into_owned()))
+}
+
 /// An admission review of a pod labelled for injection, in namespace `ml`.
 pub fn review() -> Value {
     json!({
