@@ -715,6 +715,35 @@ async fn admin_endpoint_serves_health_and_metrics() {
     ] {
         assert!(m.contains(needle), "metrics lack {needle}:\n{m}");
     }
+    // The chart's Grafana dashboard only queries series the agent exports.
+    let dashboard = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../charts/nencache/dashboards/agents.json"
+    ))
+    .unwrap();
+    let mut queried: Vec<&str> = dashboard
+        .match_indices("nencache_agent_")
+        .map(|(i, _)| {
+            let rest = &dashboard[i..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+        .collect();
+    queried.sort_unstable();
+    queried.dedup();
+    assert!(queried.len() >= 10, "{queried:?}");
+    for name in queried {
+        let exported = m.lines().any(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|r| r.starts_with('{') || r.starts_with(' '))
+        });
+        assert!(
+            exported,
+            "the dashboard queries {name}, which the agent does not export"
+        );
+    }
 }
 
 /// A real OTLP/gRPC trace collector on loopback that counts the spans it receives.
