@@ -240,7 +240,9 @@ impl Bundle {
 }
 
 /// Returns the current bundle from the Secret `name`, issuing and storing a new one when it
-/// is missing, unreadable or due for renewal.
+/// is missing, unreadable or due for renewal. `serving` is the bundle this replica serves, if
+/// any: when the Secret was lost its CA stays in the new bundle, so that what replicas still
+/// serve stays trusted until they reload.
 ///
 /// # Errors
 /// A failed API call, a failed issue, or a Secret that other writers keep replacing.
@@ -248,6 +250,7 @@ pub async fn ensure(
     api: &Api<Secret>,
     name: &str,
     settings: &CertSettings,
+    serving: Option<&Bundle>,
 ) -> Result<Bundle, CertError> {
     let kube = |what| move |source| CertError::Kube { what, source };
     for _ in 0..5 {
@@ -259,7 +262,8 @@ pub async fn ensure(
         {
             return Ok(b.clone());
         }
-        let fresh = issue(settings, now, existing.as_ref().map(|b| b.ca_pem.as_str()))?;
+        let previous = existing.as_ref().or(serving).map(|b| b.ca_pem.as_str());
+        let fresh = issue(settings, now, previous)?;
         let mut secret = fresh.to_secret(name, &settings.namespace);
         let written = match current {
             None => api.create(&PostParams::default(), &secret).await,

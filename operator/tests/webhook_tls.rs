@@ -153,13 +153,13 @@ async fn the_certificate_secret_is_created_once_kept_while_valid_and_renewed_nea
     let fake = FakeApi::shared();
     let api: Api<Secret> = Api::namespaced(client(&fake, "nencache-system"), "nencache-system");
     let s = settings();
-    let first = certs::ensure(&api, "nencache-webhook-tls", &s)
+    let first = certs::ensure(&api, "nencache-webhook-tls", &s, None)
         .await
         .unwrap();
     let stored = fake.lock().unwrap().objects[SECRET].clone();
     assert_eq!(stored["type"], "kubernetes.io/tls");
     assert_eq!(
-        certs::ensure(&api, "nencache-webhook-tls", &s)
+        certs::ensure(&api, "nencache-webhook-tls", &s, None)
             .await
             .unwrap(),
         first,
@@ -174,7 +174,7 @@ async fn the_certificate_secret_is_created_once_kept_while_valid_and_renewed_nea
         obj["metadata"]["annotations"][NOT_AFTER_ANNOTATION] = json!(soon.to_string());
         f.put(SECRET, obj);
     }
-    let renewed = certs::ensure(&api, "nencache-webhook-tls", &s)
+    let renewed = certs::ensure(&api, "nencache-webhook-tls", &s, None)
         .await
         .unwrap();
     assert_ne!(renewed.cert_pem, first.cert_pem);
@@ -192,14 +192,30 @@ async fn the_certificate_secret_is_created_once_kept_while_valid_and_renewed_nea
         obj["data"]["tls.crt"] = json!(base64::engine::general_purpose::STANDARD.encode("junk"));
         f.put(SECRET, obj);
     }
-    let replaced = certs::ensure(&api, "nencache-webhook-tls", &s)
+    let replaced = certs::ensure(&api, "nencache-webhook-tls", &s, None)
         .await
         .unwrap();
     assert!(replaced.cert_pem.contains("BEGIN CERTIFICATE"));
     let back = Bundle::from_secret(
         &serde_json::from_value(fake.lock().unwrap().objects[SECRET].clone()).unwrap(),
     );
-    assert_eq!(back, Some(replaced));
+    assert_eq!(back, Some(replaced.clone()));
+
+    // The Secret deleted under a serving replica: the CA it serves stays in the new bundle.
+    fake.lock().unwrap().objects.remove(SECRET);
+    let reissued = certs::ensure(&api, "nencache-webhook-tls", &s, Some(&replaced))
+        .await
+        .unwrap();
+    assert_ne!(reissued.cert_pem, replaced.cert_pem);
+    let serving_ca = replaced
+        .ca_pem
+        .split_inclusive("-----END CERTIFICATE-----")
+        .next()
+        .unwrap();
+    assert!(
+        reissued.ca_pem.contains(serving_ca.trim()),
+        "serving CA kept"
+    );
 }
 
 #[tokio::test]
@@ -210,7 +226,7 @@ async fn replicas_starting_together_agree_on_one_certificate() {
             let api: Api<Secret> =
                 Api::namespaced(client(&fake, "nencache-system"), "nencache-system");
             tokio::spawn(async move {
-                certs::ensure(&api, "nencache-webhook-tls", &settings())
+                certs::ensure(&api, "nencache-webhook-tls", &settings(), None)
                     .await
                     .unwrap()
             })

@@ -118,7 +118,7 @@ async fn start_webhook(
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &args.namespace);
     let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     let settings = CertSettings::new(&args.webhook_service, &args.namespace);
-    let bundle = certs::ensure(&secrets, &args.webhook_secret, &settings)
+    let bundle = certs::ensure(&secrets, &args.webhook_secret, &settings, None)
         .await
         .context("webhook certificate")?;
     if let Err(e) = certs::patch_ca_bundle(&configs, &args.webhook_config, &bundle.ca_pem).await {
@@ -173,7 +173,7 @@ async fn start_webhook(
                 _ = stop_renew.wait_for(|s| *s) => return,
                 () = tokio::time::sleep(Duration::from_secs(600)) => {}
             }
-            match certs::ensure(&secrets, &name, &settings).await {
+            match certs::ensure(&secrets, &name, &settings, Some(&current)).await {
                 Ok(b) if b != current => match store.set(&b.cert_pem, &b.key_pem) {
                     Ok(()) => {
                         tracing::info!(not_after = %b.not_after, "webhook certificate reloaded");
