@@ -620,6 +620,18 @@ async fn a_full_arena_evicts_then_reports_resource_exhausted() {
     );
 }
 
+/// Puts of `(key, value)` pairs, with no metadata or TTL.
+fn batch(puts: &[(Vec<u8>, Vec<u8>)]) -> Vec<Put<'_>> {
+    puts.iter()
+        .map(|(k, v)| Put {
+            key: k,
+            value: v,
+            metadata: b"",
+            ttl: None,
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn checksummed_puts_are_verified() {
     let agent = TestAgent::start(&[]);
@@ -631,17 +643,8 @@ async fn checksummed_puts_are_verified() {
     let puts: Vec<(Vec<u8>, Vec<u8>)> = (0..4u64)
         .map(|i| (format!("c{i}").into_bytes(), pattern(i, 200_000)))
         .collect();
-    let batch: Vec<Put<'_>> = puts
-        .iter()
-        .map(|(k, v)| Put {
-            key: k,
-            value: v,
-            metadata: b"",
-            ttl: None,
-        })
-        .collect();
     assert_eq!(
-        c.put_many(&batch).await.unwrap(),
+        c.put_many(&batch(&puts)).await.unwrap(),
         vec![PutOutcome::Stored; 4]
     );
     assert_eq!(c.stats().await.unwrap().checksum_failures, 0);
@@ -854,16 +857,7 @@ async fn pipelined_batches_line_up_over_both_transports() {
         for i in [2, 7] {
             c.put(&puts[i].0, &puts[i].1, b"").await.unwrap();
         }
-        let batch: Vec<Put<'_>> = puts
-            .iter()
-            .map(|(k, v)| Put {
-                key: k,
-                value: v,
-                metadata: b"",
-                ttl: None,
-            })
-            .collect();
-        let outcomes = c.put_many(&batch).await.unwrap();
+        let outcomes = c.put_many(&batch(&puts)).await.unwrap();
         let expected: Vec<PutOutcome> = (0..10)
             .map(|i| {
                 if i == 2 || i == 7 {
