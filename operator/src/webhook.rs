@@ -6,10 +6,10 @@
 //! An injected pod gets a hostPath volume of the cluster's socket directory, mounted at the
 //! same path in every container and init container, `NENCACHE_SOCKET` pointing at the
 //! agent's socket (a value the pod already sets is kept), and the agent's group as a
-//! supplemental group, since the sockets are open to that group only. Injection is idempotent: a pod that already has the
-//! volume is left alone. A labelled pod that cannot be injected (no cluster, or several and no
-//! `nencache.io/cluster` annotation naming one) is admitted unchanged except for a
-//! `nencache.io/skip-reason` annotation saying why.
+//! supplemental group, since the sockets are open to that group only. Injection is
+//! idempotent: a pod that already has the volume is left alone. A labelled pod that cannot
+//! be injected (no cluster, or several and no `nencache.io/cluster` annotation naming one) is
+//! admitted unchanged except for a `nencache.io/skip-reason` annotation saying why.
 //!
 //! A pod annotated `nencache.io/lmcache: "true"` also gets the environment that points an
 //! unmodified LMCache at the node's agent: `LMCACHE_REMOTE_URL=lm://<node IP>:<lmPort>`
@@ -162,6 +162,11 @@ fn injected_env(socket_dir: &str, lmcache: &Lmcache) -> Vec<Value> {
     env
 }
 
+/// A JSON-patch `add` of `value` at `path`.
+fn add(path: impl Into<String>, value: impl Into<Value>) -> Value {
+    json!({"op": "add", "path": path.into(), "value": value.into()})
+}
+
 /// JSON-pointer escaping of one path segment.
 fn escape(segment: &str) -> String {
     segment.replace('~', "~0").replace('/', "~1")
@@ -169,10 +174,10 @@ fn escape(segment: &str) -> String {
 
 fn annotate(pod: &Pod, key: &str, value: &str, ops: &mut Vec<Value>) {
     if pod.metadata.annotations.is_none() {
-        ops.push(json!({"op": "add", "path": "/metadata/annotations", "value": {}}));
+        ops.push(add("/metadata/annotations", json!({})));
     }
     let path = format!("/metadata/annotations/{}", escape(key));
-    ops.push(json!({"op": "add", "path": path, "value": value}));
+    ops.push(add(path, value));
 }
 
 /// The JSON patch operations for `decision` on `pod` (empty for [`Decision::Ignore`]).
@@ -193,9 +198,9 @@ pub fn patch_ops(pod: &Pod, decision: &Decision) -> Vec<Value> {
             });
             let spec = pod.spec.as_ref();
             if spec.and_then(|s| s.volumes.as_ref()).is_none() {
-                ops.push(json!({"op": "add", "path": "/spec/volumes", "value": [volume]}));
+                ops.push(add("/spec/volumes", json!([volume])));
             } else {
-                ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": volume}));
+                ops.push(add("/spec/volumes/-", volume));
             }
             let mount = json!({"name": SOCKET_VOLUME, "mountPath": socket_dir});
             let env = injected_env(socket_dir, lmcache);
@@ -209,10 +214,10 @@ pub fn patch_ops(pod: &Pod, decision: &Decision) -> Vec<Value> {
             for (list, containers) in lists {
                 for (i, c) in containers.unwrap_or_default().iter().enumerate() {
                     let base = format!("/spec/{list}/{i}");
-                    match &c.volume_mounts {
-                        None => ops.push(json!({"op": "add", "path": format!("{base}/volumeMounts"), "value": [mount]})),
-                        Some(_) => ops.push(json!({"op": "add", "path": format!("{base}/volumeMounts/-"), "value": mount})),
-                    }
+                    ops.push(match &c.volume_mounts {
+                        None => add(format!("{base}/volumeMounts"), json!([mount])),
+                        Some(_) => add(format!("{base}/volumeMounts/-"), mount.clone()),
+                    });
                     let has = |name: &Value| {
                         c.env
                             .iter()
@@ -223,26 +228,33 @@ pub fn patch_ops(pod: &Pod, decision: &Decision) -> Vec<Value> {
                         env.iter().filter(|e| !has(&e["name"])).cloned().collect();
                     match &c.env {
                         _ if missing.is_empty() => {}
-                        None => ops.push(
-                            json!({"op": "add", "path": format!("{base}/env"), "value": missing}),
-                        ),
-                        Some(_) => ops.extend(missing.into_iter().map(
-                            |e| json!({"op": "add", "path": format!("{base}/env/-"), "value": e}),
-                        )),
+                        None => ops.push(add(format!("{base}/env"), missing)),
+                        Some(_) => {
+                            ops.extend(missing.into_iter().map(|e| add(format!("{base}/env/-"), e)))
+                        }
                     }
                 }
             }
             // The agent's sockets are group-accessible (0660, directory 0750): join its group.
             let sc = spec.and_then(|s| s.security_context.as_ref());
             match sc.map(|sc| sc.supplemental_groups.as_deref()) {
-                None => ops.push(json!({"op": "add", "path": "/spec/securityContext", "value": {"supplementalGroups": [AGENT_UID]}})),
-                Some(None) => ops.push(json!({"op": "add", "path": "/spec/securityContext/supplementalGroups", "value": [AGENT_UID]})),
-                Some(Some(groups)) if !groups.contains(&AGENT_UID) => ops.push(json!({"op": "add", "path": "/spec/securityContext/supplementalGroups/-", "value": AGENT_UID})),
+                None => ops.push(add(
+                    "/spec/securityContext",
+                    json!({"supplementalGroups": [AGENT_UID]}),
+                )),
+                Some(None) => ops.push(add(
+                    "/spec/securityContext/supplementalGroups",
+                    json!([AGENT_UID]),
+                )),
+                Some(Some(groups)) if !groups.contains(&AGENT_UID) => {
+                    ops.push(add("/spec/securityContext/supplementalGroups/-", AGENT_UID));
+                }
                 Some(Some(_)) => {}
             }
             annotate(pod, INJECTED_ANNOTATION, cluster, &mut ops);
             if let Lmcache::Unavailable(reason) = lmcache {
-                ops.push(json!({"op": "add", "path": format!("/metadata/annotations/{}", escape(SKIP_ANNOTATION)), "value": reason}));
+                // The pod carries the lmcache annotation, so it has annotations already.
+                annotate(pod, SKIP_ANNOTATION, reason, &mut ops);
             }
         }
     }
