@@ -72,6 +72,16 @@ impl Drop for Operator {
 impl Operator {
     /// Starts replica `name` against the API server at `api`, and waits until it is ready.
     async fn start(api: SocketAddr, dir: &std::path::Path, name: &str) -> Self {
+        Self::start_with(api, dir, name, &[]).await
+    }
+
+    /// As [`Operator::start`], with extra environment.
+    async fn start_with(
+        api: SocketAddr,
+        dir: &std::path::Path,
+        name: &str,
+        env: &[(&str, &str)],
+    ) -> Self {
         let kubeconfig = dir.join("kubeconfig");
         std::fs::write(
             &kubeconfig,
@@ -91,6 +101,7 @@ impl Operator {
             .env("POD_NAMESPACE", "nencache-system")
             .env("NENCACHE_OPERATOR_ADMIN_ADDR", admin.to_string())
             .env("NENCACHE_OPERATOR_WEBHOOK_ADDR", webhook.to_string())
+            .envs(env.iter().copied())
             .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
             .stderr(Stdio::null())
             .spawn()
@@ -313,4 +324,33 @@ async fn a_second_replica_serves_the_webhook_and_takes_over_when_the_leader_stop
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_the_webhook_and_leader_election_off_it_only_reconciles() {
+    let (fake, api) = api_with_a_cluster().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut op = Operator::start_with(
+        api,
+        dir.path(),
+        "solo",
+        &[
+            ("NENCACHE_OPERATOR_WEBHOOK", "false"),
+            ("NENCACHE_OPERATOR_LEADER_ELECT", "false"),
+        ],
+    )
+    .await;
+    let log = op.log.clone();
+    eventually("the DaemonSet", &log, || get(&fake, DAEMON_SET).is_some()).await;
+    assert!(op.metrics().await.contains("nencache_operator_leader 1"));
+    assert!(
+        get(&fake, SECRET).is_none(),
+        "no certificate without the webhook"
+    );
+    assert!(
+        get(&fake, LEASE).is_none(),
+        "no Lease without leader election"
+    );
+    assert!(https(op.webhook, "", "GET", "/healthz", "").await.is_err());
+    op.terminate().await;
 }
