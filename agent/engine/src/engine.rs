@@ -2,7 +2,7 @@
 //! clients write puts into, and the bookkeeping that ties them together: index, eviction,
 //! reservations, leases and sessions.
 //!
-//! All bookkeeping lives in one [`State`] behind a mutex, which is only held for table
+//! All bookkeeping lives in one `State` behind a mutex, which is only held for table
 //! updates; bulk copies (staging to arena at commit) run outside it on extents the caller
 //! exclusively owns.
 
