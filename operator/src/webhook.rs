@@ -88,9 +88,11 @@ fn cluster_id(c: &NenCacheCluster) -> String {
     format!("{}/{}", c.namespace().unwrap_or_default(), c.name_any())
 }
 
-/// Decides what to do with `pod` given the clusters that exist.
+/// Decides what to do with `pod`, created in namespace `namespace`, given the clusters that
+/// exist. (A pod made by a controller often has no namespace in its own metadata at
+/// admission; the request names it.)
 #[must_use]
-pub fn decide<C: Borrow<NenCacheCluster>>(pod: &Pod, clusters: &[C]) -> Decision {
+pub fn decide<C: Borrow<NenCacheCluster>>(pod: &Pod, namespace: &str, clusters: &[C]) -> Decision {
     if pod.labels().get(INJECT_LABEL).map(String::as_str) != Some("true") {
         return Decision::Ignore;
     }
@@ -98,12 +100,9 @@ pub fn decide<C: Borrow<NenCacheCluster>>(pod: &Pod, clusters: &[C]) -> Decision
     if spec_volumes.is_some_and(|v| v.iter().any(|v| v.name == SOCKET_VOLUME)) {
         return Decision::Ignore;
     }
-    let pod_ns = pod.namespace().unwrap_or_default();
     let chosen = match pod.annotations().get(CLUSTER_ANNOTATION) {
         Some(want) => {
-            let (ns, name) = want
-                .split_once('/')
-                .unwrap_or((pod_ns.as_str(), want.as_str()));
+            let (ns, name) = want.split_once('/').unwrap_or((namespace, want.as_str()));
             match clusters
                 .iter()
                 .map(Borrow::borrow)
@@ -214,10 +213,15 @@ pub fn patch_ops(pod: &Pod, decision: &Decision) -> Vec<Value> {
             for (list, containers) in lists {
                 for (i, c) in containers.unwrap_or_default().iter().enumerate() {
                     let base = format!("/spec/{list}/{i}");
-                    ops.push(match &c.volume_mounts {
-                        None => add(format!("{base}/volumeMounts"), json!([mount])),
-                        Some(_) => add(format!("{base}/volumeMounts/-"), mount.clone()),
-                    });
+                    // A container that mounts something at the socket path already keeps it: a
+                    // second mount there would make the pod invalid.
+                    match &c.volume_mounts {
+                        None => ops.push(add(format!("{base}/volumeMounts"), json!([mount]))),
+                        Some(m)
+                            if m.iter()
+                                .any(|m| m.mount_path.trim_end_matches('/') == socket_dir) => {}
+                        Some(_) => ops.push(add(format!("{base}/volumeMounts/-"), mount.clone())),
+                    }
                     let has = |name: &Value| {
                         c.env
                             .iter()
@@ -292,7 +296,14 @@ pub fn mutate<C: Borrow<NenCacheCluster>>(review: AdmissionReview<Pod>, clusters
     let ops = req
         .object
         .as_ref()
-        .map(|pod| patch_ops(pod, &decide(pod, clusters)))
+        .map(|pod| {
+            let namespace = req
+                .namespace
+                .clone()
+                .or_else(|| pod.namespace())
+                .unwrap_or_default();
+            patch_ops(pod, &decide(pod, &namespace, clusters))
+        })
         .unwrap_or_default();
     to_wire(resp, &ops)
 }

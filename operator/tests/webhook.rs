@@ -290,3 +290,31 @@ fn init_containers_get_the_socket_and_the_pod_joins_the_agents_group() {
         json!({"fsGroup": 7, "supplementalGroups": [65532]})
     );
 }
+
+#[test]
+fn a_pod_without_a_namespace_of_its_own_uses_the_requests() {
+    // Pods made by a Deployment reach the webhook with no namespace in their metadata.
+    let mut p = pod(
+        json!({"nencache.io/inject": "true"}),
+        json!({"nencache.io/cluster": "near"}),
+        vllm(),
+    );
+    p["metadata"].as_object_mut().unwrap().remove("namespace");
+    let clusters = [
+        cluster("serving", "near", "/run/near"),
+        cluster("cache", "a", "/run/a"),
+    ];
+    let out = admit(&p, &clusters).unwrap();
+    assert_eq!(out["spec"]["volumes"][0]["hostPath"]["path"], "/run/near");
+}
+
+#[test]
+fn a_container_that_mounts_the_socket_path_itself_keeps_its_mount() {
+    let containers = json!([{"name": "c", "image": "x",
+        "volumeMounts": [{"name": "mine", "mountPath": "/run/nencache/"}]}]);
+    let p = pod(json!({"nencache.io/inject": "true"}), json!({}), containers);
+    let out = admit(&p, &[cluster("cache", "a", "/run/nencache")]).unwrap();
+    let c = &out["spec"]["containers"][0];
+    assert_eq!(c["volumeMounts"].as_array().unwrap().len(), 1, "{c}");
+    assert_eq!(c["env"][0]["name"], "NENCACHE_SOCKET");
+}
