@@ -27,7 +27,10 @@ use std::{
     io::Write,
     os::unix::net::UnixStream as StdUnixStream,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -115,10 +118,61 @@ impl Default for ClientOptions {
     }
 }
 
+/// Leases of dropped values waiting to be released. Whoever sends some (the next get, the
+/// background flusher, `flush_releases`) takes them as a [`ReleaseBatch`], which counts as in
+/// flight until the agent has answered, so that `flush_releases` can wait for every release
+/// already under way, not only the ones it sends itself.
 #[derive(Debug, Default)]
 struct ReleaseQueue {
     pending: Mutex<Vec<u64>>,
     wake: Notify,
+    in_flight: AtomicUsize,
+    settled: Notify,
+}
+
+impl ReleaseQueue {
+    /// Takes every pending lease id.
+    fn take(&self) -> ReleaseBatch<'_> {
+        let mut pending = self.pending.lock();
+        let ids = std::mem::take(&mut *pending);
+        let counted = !ids.is_empty();
+        if counted {
+            // Under the lock, so a waiter never sees the ids neither pending nor in flight.
+            self.in_flight.fetch_add(1, Ordering::AcqRel);
+        }
+        ReleaseBatch {
+            queue: self,
+            ids,
+            counted,
+        }
+    }
+
+    /// Returns once no taken batch is still being sent.
+    async fn settled(&self) {
+        loop {
+            let notified = self.settled.notified();
+            if self.in_flight.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Lease ids taken from the queue; in flight until dropped, which is done once the agent has
+/// answered (or the ids went back to the queue).
+struct ReleaseBatch<'a> {
+    queue: &'a ReleaseQueue,
+    ids: Vec<u64>,
+    counted: bool,
+}
+
+impl Drop for ReleaseBatch<'_> {
+    fn drop(&mut self) {
+        if self.counted && self.queue.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.queue.settled.notify_waiters();
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -840,15 +894,16 @@ impl Client {
     /// The agent's refusal (an invalid key, too many leases) or a transport error.
     pub async fn get(&self, keys: &[&[u8]]) -> Result<Vec<Option<Value>>> {
         // Leases of dropped values ride along with the next get instead of a call of their own.
-        let done = std::mem::take(&mut *self.shared.releases.pending.lock());
-        let req = Request::Get(keys.to_vec(), done);
+        let mut done = self.shared.releases.take();
+        let req = Request::Get(keys.to_vec(), std::mem::take(&mut done.ids));
         let fast = self.fast(&req).await;
         if fast.is_none()
-            && let Request::Get(_, done) = req
+            && let Request::Get(_, ids) = req
         {
             // Not sent: they go with the next call instead.
-            self.shared.releases.pending.lock().extend(done);
+            self.shared.releases.pending.lock().extend(ids);
         }
+        drop(done);
         let found: Vec<Option<Found>> = match fast {
             Some(r) => {
                 let Response::Get(items) = r? else {
@@ -917,22 +972,32 @@ impl Client {
         self.shared.conn.call(req).await
     }
 
-    /// Sends the releases of dropped values now instead of in the background.
+    /// Releases the leases of every value dropped so far, and returns once the agent has
+    /// applied them (including releases already under way in the background or riding on a
+    /// concurrent get).
     ///
     /// # Errors
     /// A transport error.
     pub async fn flush_releases(&self) -> Result<()> {
-        let ids = std::mem::take(&mut *self.shared.releases.pending.lock());
-        if !ids.is_empty() {
-            self.grpc
-                .clone()
-                .release(v1::ReleaseRequest {
-                    session: self.session,
-                    lease_ids: ids,
-                })
-                .await?;
+        let queue = &self.shared.releases;
+        loop {
+            let mut batch = queue.take();
+            if !batch.ids.is_empty() {
+                self.grpc
+                    .clone()
+                    .release(v1::ReleaseRequest {
+                        session: self.session,
+                        lease_ids: std::mem::take(&mut batch.ids),
+                    })
+                    .await?;
+            }
+            drop(batch);
+            queue.settled().await;
+            // A get whose fast path was out of step puts its ids back: send those too.
+            if queue.pending.lock().is_empty() {
+                return Ok(());
+            }
         }
-        Ok(())
     }
 
     /// Deletes keys; returns how many existed.
@@ -1015,11 +1080,12 @@ async fn flush_releases(
 ) {
     loop {
         let notified = queue.wake.notified();
-        let ids = std::mem::take(&mut *queue.pending.lock());
-        if ids.is_empty() {
+        let mut batch = queue.take();
+        if batch.ids.is_empty() {
             notified.await;
             continue;
         }
+        let ids = std::mem::take(&mut batch.ids);
         if let Err(e) = release(&grpc, session, conn.as_deref(), ids).await {
             tracing::warn!(error = %e, "releasing leases");
         }
