@@ -109,8 +109,8 @@ impl Elector {
                 let ours = holder == s.identity;
                 let expired = holder.is_empty()
                     || spec.renew_time.as_ref().is_none_or(|r| {
-                        let lasts = i64::from(spec.lease_duration_seconds.unwrap_or(0));
-                        r.0.as_second().saturating_add(lasts) < now.as_second()
+                        let lasts_ms = i64::from(spec.lease_duration_seconds.unwrap_or(0)) * 1000;
+                        r.0.as_millisecond().saturating_add(lasts_ms) < now.as_millisecond()
                     });
                 if !ours && !expired {
                     return Ok(false);

@@ -21,8 +21,12 @@ use common::fake_api::{FakeApi, client};
 const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/ops/leases/leader";
 
 fn elector(store: &Arc<Mutex<FakeApi>>, identity: &str) -> Elector {
+    elector_lasting(store, identity, Duration::from_secs(2))
+}
+
+fn elector_lasting(store: &Arc<Mutex<FakeApi>>, identity: &str, lease: Duration) -> Elector {
     let mut s = LeaseSettings::new("leader", identity);
-    s.duration = Duration::from_secs(2);
+    s.duration = lease;
     s.renew_deadline = Duration::from_millis(1200);
     s.renew_every = Duration::from_millis(200);
     s.retry_every = Duration::from_millis(100);
@@ -38,7 +42,11 @@ fn holder(store: &Mutex<FakeApi>) -> Option<String> {
 #[tokio::test]
 async fn one_replica_leads_and_the_other_waits_until_the_lease_expires() {
     let store = FakeApi::shared();
-    let (a, b) = (elector(&store, "a"), elector(&store, "b"));
+    let lease = Duration::from_secs(5);
+    let (a, b) = (
+        elector_lasting(&store, "a", lease),
+        elector_lasting(&store, "b", lease),
+    );
     assert!(a.try_acquire_or_renew().await.unwrap());
     assert!(
         !b.try_acquire_or_renew().await.unwrap(),
@@ -46,10 +54,10 @@ async fn one_replica_leads_and_the_other_waits_until_the_lease_expires() {
     );
     assert!(a.try_acquire_or_renew().await.unwrap(), "a renews");
     assert_eq!(holder(&store).as_deref(), Some("a"));
-    // a stops renewing (crashed): b takes over once the 2 s lease has run out, not before.
+    // a stops renewing (crashed): b takes over once the 5 s lease has run out, not before.
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert!(!b.try_acquire_or_renew().await.unwrap());
-    tokio::time::sleep(Duration::from_millis(2200)).await;
+    tokio::time::sleep(Duration::from_millis(4200)).await;
     assert!(b.try_acquire_or_renew().await.unwrap());
     assert_eq!(holder(&store).as_deref(), Some("b"));
     let l: Lease = serde_json::from_value(store.lock().unwrap().objects[LEASE].clone()).unwrap();
