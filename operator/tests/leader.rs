@@ -103,15 +103,21 @@ async fn a_leader_that_finishes_releases_the_lease_for_a_standby() {
 #[tokio::test]
 async fn a_leader_that_cannot_renew_stops_before_the_lease_expires() {
     let store = FakeApi::shared();
-    let a = elector(&store, "a");
+    let a = elector_lasting(&store, "a", Duration::from_secs(3));
     assert!(a.acquire(std::future::pending()).await.unwrap());
     store.lock().unwrap().failing = true;
     let t = std::time::Instant::now();
     let r = a.lead(std::future::pending()).await;
     assert!(matches!(r, Err(LeaderError::Lost(_))), "{r:?}");
-    // Stopped within the renew deadline (1.2 s) plus one renew period, before the 2 s lease ran out.
+    // Stopped after the renew deadline (1.2 s) plus at most one renew period, well before the
+    // 3 s lease ran out and another replica could have taken over.
     assert!(
-        t.elapsed() < Duration::from_millis(2000),
+        t.elapsed() >= Duration::from_millis(1200),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(3000),
         "{:?}",
         t.elapsed()
     );
