@@ -9,9 +9,12 @@
 //!                   with SCM_RIGHTS [arena (read-only), staging (read-write)] when status = 0
 //! ```
 //!
-//! Integers are little-endian. The client keeps the connection open for the session's life;
-//! when it closes (the client exited or crashed) the agent releases the session's leases and
-//! aborts its reservations.
+//! Integers are little-endian. `version` is the one the gRPC handshake answered (any version
+//! in `MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION`; see [`crate::negotiate`]). The client keeps
+//! the connection open for the session's life and sends fast-path frames on it
+//! ([`crate::frame`]); when it closes (the client exited or crashed) the agent releases the
+//! session's leases and aborts its reservations. `docs/api.md` specifies the exchange byte
+//! for byte.
 
 use std::{
     io::{IoSlice, IoSliceMut},
@@ -56,8 +59,11 @@ pub mod status {
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
     /// The bytes are not a valid message.
-    #[error("malformed attach message: {0}")]
+    #[error("malformed message: {0}")]
     Malformed(&'static str),
+    /// A fast-path frame names an operation this side does not know.
+    #[error("unknown fast-path operation")]
+    UnknownOperation,
     /// The socket failed.
     #[error("attach socket: {0}")]
     Io(#[from] std::io::Error),

@@ -1,19 +1,20 @@
 //! The session fast path: after the attach exchange, the attach connection carries small
-//! binary request/response frames for lookup, get, release, reserve and commit, one round
-//! trip each with no HTTP/2 or protobuf in the way. Requests on this path act for
-//! the connection's own session, so they cannot name another session. gRPC offers the same
-//! calls; both paths share the engine.
+//! binary request/response frames for lookup, get, release, reserve, commit and abort, one
+//! round trip each with no HTTP/2 or protobuf in the way. Requests on this path act for the
+//! connection's own session, so they cannot name another session. gRPC offers the same
+//! calls; both paths share the engine. `docs/api.md` specifies every frame byte for byte.
 //!
 //! ```text
 //! request   len u32 | op u8 | body              (len counts op and body)
-//!   LOOKUP        n u16 | n × (key_len u16 | key)
-//!   GET           n u16 | n × (key_len u16 | key) | m u16 | m × lease u64
+//!   LOOKUP  1     n u16 | n × (key_len u16 | key)
+//!   GET     2     n u16 | n × (key_len u16 | key) | m u16 | m × lease u64
 //!                 (the m leases are released first: a reader returns the previous batch's
 //!                 leases in the same round trip that fetches the next)
-//!   RELEASE       n u16 | n × lease u64
-//!   RESERVE       n u16 | n × (key_len u16 | key | value_len u64 | meta_len u16 | meta
+//!   RELEASE 3     n u16 | n × lease u64
+//!   RESERVE 4     n u16 | n × (key_len u16 | key | value_len u64 | meta_len u16 | meta
 //!                              | ttl_ms u64 | overwrite u8)
-//!   COMMIT        n u16 | n × (reservation u64 | has_checksum u8 | checksum u64)
+//!   COMMIT  5     n u16 | n × (reservation u64 | has_checksum u8 | checksum u64)
+//!   ABORT   6     n u16 | n × reservation u64
 //! response  len u32 | status u8 | body          (status 0 = OK, else a gRPC code number)
 //!   LOOKUP        prefix u32 | prefix × tier u8
 //!   GET           n u16 | n × (found u8 | lease u64 | offset u64 | len u64 | tier u8
@@ -22,15 +23,17 @@
 //!   RESERVE       n u16 | n × (reserved u8 | reservation u64 | staging_offset u64)
 //!                 (reserved 0: the key exists, and the two numbers are 0)
 //!   COMMIT        n u16 | n × committed u8    (0: the checksum did not match)
+//!   ABORT         (empty)
 //!   error         msg_len u16 | msg
 //! ```
 //!
-//! Responses come in request order, so a client may send several requests (a put's commits,
-//! say) before reading their responses.
-//!
-//! Integers are little-endian. A frame longer than [`MAX_FRAME`] or one that does not parse
-//! is answered with `INVALID_ARGUMENT`, and the agent then closes the connection (ending the
-//! session), since the stream can no longer be trusted to be in step.
+//! Integers are little-endian. Every request gets exactly one response, in request order, so
+//! a client may send several requests (a put's commits, say) before reading their responses.
+//! A refused request changes nothing and leaves the session as it was: a frame longer than the
+//! agent's limit (announced in the handshake as `max_frame_len`, [`MAX_FRAME`] by default) is
+//! read, discarded and answered with `INVALID_ARGUMENT`; so is a frame that does not parse,
+//! and an unknown operation is answered with `UNIMPLEMENTED`. The agent never ends a session
+//! because of a request: only the client closing the connection (or the agent stopping) does.
 
 use crate::attach::AttachError;
 
@@ -48,6 +51,31 @@ pub mod op {
     pub const RESERVE: u8 = 4;
     /// Publish reserved puts.
     pub const COMMIT: u8 = 5;
+    /// Abandon reservations.
+    pub const ABORT: u8 = 6;
+}
+
+/// Bytes of a request frame before its items: length (4), op (1) and item count (2).
+pub const REQUEST_HEADER_LEN: usize = 7;
+/// Bytes of a key on the wire.
+#[must_use]
+pub fn key_wire_len(key: &[u8]) -> usize {
+    2 + key.len()
+}
+/// Bytes of a lease or reservation id on the wire.
+pub const ID_WIRE_LEN: usize = 8;
+/// Bytes of a commit item on the wire.
+pub const COMMIT_ITEM_WIRE_LEN: usize = 17;
+/// Bytes of a GET response's found item before its metadata (flag, lease, offset, length,
+/// tier, metadata length).
+pub const FOUND_WIRE_LEN: usize = 1 + 8 + 8 + 8 + 1 + 2;
+
+impl ReserveItem<'_> {
+    /// Bytes of this item on the wire.
+    #[must_use]
+    pub fn wire_len(&self) -> usize {
+        2 + self.key.len() + 8 + 2 + self.metadata.len() + 8 + 1
+    }
 }
 
 /// One item of a RESERVE request.
@@ -68,6 +96,8 @@ pub struct ReserveItem<'a> {
 pub const OK: u8 = 0;
 /// Status of a malformed request (gRPC `INVALID_ARGUMENT`).
 pub const INVALID_ARGUMENT: u8 = 3;
+/// Status of an unknown operation (gRPC `UNIMPLEMENTED`).
+pub const UNIMPLEMENTED: u8 = 12;
 
 /// A decoded request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,6 +112,8 @@ pub enum Request<'a> {
     Reserve(Vec<ReserveItem<'a>>),
     /// Reservations to commit, each with an optional XXH3-64 checksum.
     Commit(Vec<(u64, Option<u64>)>),
+    /// Reservations to abandon.
+    Abort(Vec<u64>),
 }
 
 /// One found value of a GET response.
@@ -112,6 +144,8 @@ pub enum Response {
     Reserve(Vec<Option<(u64, u64)>>),
     /// Per item: whether it was committed (false: checksum mismatch).
     Commit(Vec<bool>),
+    /// Reservations abandoned.
+    Abort,
     /// The call was refused.
     Error {
         /// gRPC code number.
@@ -222,6 +256,7 @@ impl Request<'_> {
             Self::Release(_) => op::RELEASE,
             Self::Reserve(_) => op::RESERVE,
             Self::Commit(_) => op::COMMIT,
+            Self::Abort(_) => op::ABORT,
         }
     }
 
@@ -235,7 +270,7 @@ impl Request<'_> {
                 put_keys(out, keys);
                 put_ids(out, ids);
             }
-            Self::Release(ids) => put_ids(out, ids),
+            Self::Release(ids) | Self::Abort(ids) => put_ids(out, ids),
             Self::Reserve(items) => {
                 out.extend_from_slice(&(items.len() as u16).to_le_bytes());
                 for it in items {
@@ -304,7 +339,8 @@ impl<'a> Request<'a> {
                 }
                 Self::Commit(items)
             }
-            _ => return Err(AttachError::Malformed("unknown operation")),
+            op::ABORT => Self::Abort(r.ids()?),
+            _ => return Err(AttachError::UnknownOperation),
         };
         r.end()?;
         Ok(req)
@@ -341,7 +377,7 @@ impl Response {
                     }
                 }
             }
-            Self::Release => {}
+            Self::Release | Self::Abort => {}
             Self::Reserve(items) => {
                 out.extend_from_slice(&(items.len() as u16).to_le_bytes());
                 for it in items {
@@ -409,6 +445,7 @@ impl Response {
                     Self::Get(items)
                 }
                 op::RELEASE => Self::Release,
+                op::ABORT => Self::Abort,
                 op::RESERVE => {
                     let n = usize::from(r.u16()?);
                     let mut items = Vec::with_capacity(n);
@@ -456,6 +493,7 @@ mod tests {
                 overwrite: true,
             }]),
             Request::Commit(vec![(7, None), (8, Some(99))]),
+            Request::Abort(vec![5]),
         ] {
             let mut out = Vec::new();
             req.encode(&mut out);
@@ -478,6 +516,7 @@ mod tests {
             (op::RELEASE, Response::Release),
             (op::RESERVE, Response::Reserve(vec![Some((3, 8192)), None])),
             (op::COMMIT, Response::Commit(vec![true, false])),
+            (op::ABORT, Response::Abort),
             (
                 op::GET,
                 Response::Error {
@@ -497,10 +536,55 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
             let _ = Request::decode(&bytes);
-            for op in [op::LOOKUP, op::GET, op::RELEASE, op::RESERVE, op::COMMIT, 0, 200] {
+            for op in [op::LOOKUP, op::GET, op::RELEASE, op::RESERVE, op::COMMIT, op::ABORT, 0, 200] {
                 let _ = Response::decode(op, &bytes);
             }
         }
+    }
+
+    #[test]
+    fn wire_lengths_match_the_encoding() {
+        let items = [
+            ReserveItem {
+                key: b"key",
+                value_len: 9,
+                metadata: b"metadata",
+                ttl_ms: 0,
+                overwrite: false,
+            },
+            ReserveItem {
+                key: &[7; 256],
+                value_len: 1,
+                metadata: &[1; 4096],
+                ttl_ms: 3,
+                overwrite: true,
+            },
+        ];
+        let mut out = Vec::new();
+        Request::Reserve(items.to_vec()).encode(&mut out);
+        let want: usize = items.iter().map(ReserveItem::wire_len).sum();
+        assert_eq!(out.len(), REQUEST_HEADER_LEN + want);
+        out.clear();
+        Request::Commit(vec![(1, None), (2, Some(3))]).encode(&mut out);
+        assert_eq!(out.len(), REQUEST_HEADER_LEN + 2 * COMMIT_ITEM_WIRE_LEN);
+        out.clear();
+        Request::Get(vec![b"ab", b"c"], vec![1, 2, 3]).encode(&mut out);
+        assert_eq!(
+            out.len(),
+            REQUEST_HEADER_LEN + key_wire_len(b"ab") + key_wire_len(b"c") + 2 + 3 * ID_WIRE_LEN
+        );
+    }
+
+    #[test]
+    fn unknown_operations_are_told_apart_from_malformed_frames() {
+        assert!(matches!(
+            Request::decode(&[99]),
+            Err(AttachError::UnknownOperation)
+        ));
+        assert!(matches!(
+            Request::decode(&[op::ABORT, 1]),
+            Err(AttachError::Malformed(_))
+        ));
     }
 
     #[test]

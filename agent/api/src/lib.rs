@@ -11,5 +11,28 @@ pub mod v1 {
     tonic::include_proto!("nencache.v1");
 }
 
-/// The protocol version this crate speaks.
+/// The highest protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u32 = v1::ProtocolVersion::V1 as u32;
+/// The lowest protocol version this crate speaks.
+pub const MIN_PROTOCOL_VERSION: u32 = v1::ProtocolVersion::V1 as u32;
+
+/// The version both sides speak when a peer announces `offered` as the highest it speaks:
+/// the lower of `offered` and [`PROTOCOL_VERSION`], or `None` when that is below
+/// [`MIN_PROTOCOL_VERSION`]. The handshake answers this version, and an attach hello must
+/// carry a version in `MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION` (the one the handshake
+/// answered), so both checks agree.
+#[must_use]
+pub fn negotiate(offered: u32) -> Option<u32> {
+    let v = offered.min(PROTOCOL_VERSION);
+    (v >= MIN_PROTOCOL_VERSION).then_some(v)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn versions_negotiate_to_the_lower_supported_one() {
+        assert_eq!(super::negotiate(0), None);
+        assert_eq!(super::negotiate(1), Some(1));
+        assert_eq!(super::negotiate(7), Some(super::PROTOCOL_VERSION));
+    }
+}

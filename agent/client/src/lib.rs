@@ -11,6 +11,12 @@
 //!   a lease that is released (in batches, in the background) when the value is dropped;
 //! - [`Client::lookup`], [`Client::delete`], [`Client::stats`].
 //!
+//! Every call may be cancelled (a timeout dropping its future): the request still completes,
+//! and leases or reservations it obtained are returned in the background. Batches of any size
+//! are split to fit the limits the agent announced. When the agent restarts, the call under
+//! way fails with [`ClientError::Disconnected`] and the next call attaches a new session;
+//! values of the old session stay readable (they map the old region) until dropped.
+//!
 //! Chunk keys for prompts come from [`ChunkKeys`] (re-exported from the engine).
 //!
 //! ```no_run
@@ -21,77 +27,39 @@
 //! assert_eq!(values[0].as_ref().map(|v| v.as_slice()), Some(&b"value"[..]));
 //! # Ok(()) }
 //! ```
+//!
+//! # Layout
+//! - [`session`](crate::session): one attached session, and the one `call` every operation
+//!   goes through (fast path or gRPC, cancellation-safe);
+//! - `conn`: the task pair that owns the session connection;
+//! - `batch`: splitting batches to the agent's limits;
+//! - `value`: [`Value`], [`Slot`] and the queues that return their leases and reservations;
+//! - `error`: [`ClientError`].
+
+mod batch;
+mod conn;
+mod error;
+mod session;
+mod value;
 
 use std::{
-    fs::File,
-    io::Write,
-    os::unix::net::UnixStream as StdUnixStream,
+    ops::Range,
     path::{Path, PathBuf},
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
-    time::Duration,
+    sync::Arc,
+    time::{Duration, Instant},
 };
 
-use hyper_util::rt::TokioIo;
-use memmap2::{Mmap, MmapOptions, MmapRaw};
 use nencache_api::{
-    PROTOCOL_VERSION,
-    attach::{self, Hello, MAX_REPLY_LEN, Reply},
     frame::{Found, Request, ReserveItem, Response, op},
-    v1::{self, node_cache_client::NodeCacheClient},
+    v1,
 };
 pub use nencache_engine::{ChunkKeys, DEFAULT_CHUNK_SIZE, MAX_KEY_LEN, checksum, hex};
-use parking_lot::Mutex;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    sync::Notify,
+
+use crate::session::{Session, count, mismatched};
+pub use crate::{
+    error::ClientError,
+    value::{Slot, Value},
 };
-use tonic::transport::{Channel, Endpoint};
-
-/// What went wrong in a client call.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    /// The gRPC channel could not be opened.
-    #[error("connecting to {socket}: {source}")]
-    Connect {
-        /// The socket.
-        socket: PathBuf,
-        /// Why.
-        #[source]
-        source: tonic::transport::Error,
-    },
-    /// The agent refused or failed a call.
-    #[error("{}: {}", .0.code(), .0.message())]
-    Status(#[from] tonic::Status),
-    /// The attach exchange failed.
-    #[error("attaching a session: {0}")]
-    Attach(String),
-    /// Mapping shared memory or another local operation failed.
-    #[error("{what}: {source}")]
-    Io {
-        /// What was being done.
-        what: &'static str,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The agent answered something this client does not understand.
-    #[error("protocol error: {0}")]
-    Protocol(String),
-}
-
-impl ClientError {
-    /// The gRPC code, when the agent refused the call.
-    #[must_use]
-    pub fn code(&self) -> Option<tonic::Code> {
-        match self {
-            Self::Status(s) => Some(s.code()),
-            _ => None,
-        }
-    }
-}
 
 type Result<T, E = ClientError> = std::result::Result<T, E>;
 
@@ -118,157 +86,13 @@ impl Default for ClientOptions {
     }
 }
 
-/// Leases of dropped values waiting to be released. Whoever sends some (the next get, the
-/// background flusher, `flush_releases`) takes them as a [`ReleaseBatch`], which counts as in
-/// flight until the agent has answered, so that `flush_releases` can wait for every release
-/// already under way, not only the ones it sends itself.
-#[derive(Debug, Default)]
-struct ReleaseQueue {
-    pending: Mutex<Vec<u64>>,
-    wake: Notify,
-    in_flight: AtomicUsize,
-    settled: Notify,
-}
-
-impl ReleaseQueue {
-    /// Takes every pending lease id.
-    fn take(&self) -> ReleaseBatch<'_> {
-        let mut pending = self.pending.lock();
-        let ids = std::mem::take(&mut *pending);
-        let counted = !ids.is_empty();
-        if counted {
-            // Under the lock, so a waiter never sees the ids neither pending nor in flight.
-            self.in_flight.fetch_add(1, Ordering::AcqRel);
-        }
-        ReleaseBatch {
-            queue: self,
-            ids,
-            counted,
-        }
-    }
-
-    /// Returns once no taken batch is still being sent.
-    async fn settled(&self) {
-        loop {
-            let notified = self.settled.notified();
-            if self.in_flight.load(Ordering::Acquire) == 0 {
-                return;
-            }
-            notified.await;
-        }
-    }
-}
-
-/// Lease ids taken from the queue; in flight until dropped, which is done once the agent has
-/// answered (or the ids went back to the queue).
-struct ReleaseBatch<'a> {
-    queue: &'a ReleaseQueue,
-    ids: Vec<u64>,
-    counted: bool,
-}
-
-impl Drop for ReleaseBatch<'_> {
-    fn drop(&mut self) {
-        if self.counted && self.queue.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.queue.settled.notify_waiters();
-        }
-    }
-}
-
-#[derive(Debug)]
-struct Shared {
-    arena: Mmap,
-    staging: MmapRaw,
-    releases: Arc<ReleaseQueue>,
-    /// The session's connection: the agent ends the session when it closes, so values keep
-    /// it alive; it also carries fast-path calls.
-    conn: Arc<SessionConn>,
-}
-
-/// Longest fast-path response accepted.
-const MAX_RESPONSE: usize = 64 << 20;
-
-#[derive(Debug)]
-struct ConnState {
-    stream: tokio::net::UnixStream,
-    buf: Vec<u8>,
-    /// False once a call was interrupted mid-exchange: the stream may then hold a stale
-    /// response, so calls go over gRPC instead.
-    in_step: bool,
-}
-
-/// The attach connection, used for fast-path calls one at a time.
-#[derive(Debug)]
-struct SessionConn(tokio::sync::Mutex<ConnState>);
-
-impl ConnState {
-    async fn send(&mut self, req: &Request<'_>) -> Result<()> {
-        self.buf.clear();
-        req.encode(&mut self.buf);
-        self.stream
-            .write_all(&self.buf)
-            .await
-            .map_err(|source| ClientError::Io {
-                what: "session connection",
-                source,
-            })
-    }
-
-    /// Reads the response to a request of operation `op`. An agent refusal is an `Err` that
-    /// leaves the stream in step; I/O and framing errors do not.
-    async fn recv(&mut self, op: u8) -> Result<Response> {
-        let io = |source| ClientError::Io {
-            what: "session connection",
-            source,
-        };
-        let mut len = [0u8; 4];
-        self.stream.read_exact(&mut len).await.map_err(io)?;
-        let n = u32::from_le_bytes(len) as usize;
-        if n == 0 || n > MAX_RESPONSE {
-            return Err(ClientError::Protocol(format!(
-                "fast-path response of {n} bytes"
-            )));
-        }
-        self.buf.resize(n, 0);
-        self.stream.read_exact(&mut self.buf).await.map_err(io)?;
-        match Response::decode(op, &self.buf) {
-            Ok(Response::Error { code, message }) => Err(ClientError::Status(tonic::Status::new(
-                tonic::Code::from(i32::from(code)),
-                message,
-            ))),
-            Ok(r) => Ok(r),
-            Err(e) => Err(ClientError::Protocol(e.to_string())),
-        }
-    }
-}
-
-/// Whether the stream is still in step after an exchange that ended with `r`.
-fn in_step<T>(r: &Result<T>) -> bool {
-    matches!(r, Ok(_) | Err(ClientError::Status(_)))
-}
-
-impl SessionConn {
-    /// Sends `req` and reads its response; `None` when the connection is out of step.
-    async fn call(&self, req: &Request<'_>) -> Option<Result<Response>> {
-        let mut st = self.0.lock().await;
-        if !st.in_step {
-            return None;
-        }
-        st.in_step = false;
-        let r = match st.send(req).await {
-            Ok(()) => st.recv(req.op()).await,
-            Err(e) => Err(e),
-        };
-        st.in_step = in_step(&r);
-        Some(r)
-    }
-}
-
 /// Limits and layout the agent announced in the handshake.
 #[derive(Debug, Clone)]
 pub struct AgentInfo {
     /// Agent version.
     pub agent_version: String,
+    /// The protocol version agreed on.
+    pub protocol_version: u32,
     /// Arena size in bytes.
     pub arena_size: u64,
     /// Staging size in bytes.
@@ -277,74 +101,6 @@ pub struct AgentInfo {
     pub page_size: u32,
     /// Limits.
     pub limits: v1::Limits,
-}
-
-/// A connected client with an attached session. Cheap to clone; clones share the session and
-/// its connection, whose fast-path calls run one at a time: for parallel streams of calls,
-/// connect one client per stream.
-#[derive(Debug, Clone)]
-pub struct Client {
-    grpc: NodeCacheClient<Channel>,
-    session: u64,
-    shared: Arc<Shared>,
-    info: Arc<AgentInfo>,
-    options: ClientOptions,
-    _flusher: Arc<FlusherGuard>,
-}
-
-#[derive(Debug)]
-struct FlusherGuard(tokio::task::JoinHandle<()>);
-
-impl Drop for FlusherGuard {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// A value read from the cache: a view of the read-only arena, valid while this lives. Its
-/// lease is released when it is dropped.
-#[derive(Debug)]
-pub struct Value {
-    shared: Arc<Shared>,
-    offset: usize,
-    len: usize,
-    lease: u64,
-    metadata: Vec<u8>,
-}
-
-impl Value {
-    /// The value's bytes, in place in shared memory.
-    #[must_use]
-    pub fn as_slice(&self) -> &[u8] {
-        &self.shared.arena[self.offset..self.offset + self.len]
-    }
-
-    /// The metadata stored with the value.
-    #[must_use]
-    pub fn metadata(&self) -> &[u8] {
-        &self.metadata
-    }
-
-    /// The lease id.
-    #[must_use]
-    pub fn lease(&self) -> u64 {
-        self.lease
-    }
-}
-
-impl std::ops::Deref for Value {
-    type Target = [u8];
-
-    fn deref(&self) -> &[u8] {
-        self.as_slice()
-    }
-}
-
-impl Drop for Value {
-    fn drop(&mut self) {
-        self.shared.releases.pending.lock().push(self.lease);
-        self.shared.releases.wake.notify_one();
-    }
 }
 
 /// One value to put.
@@ -384,33 +140,23 @@ pub enum PutOutcome {
     ChecksumMismatch,
 }
 
-/// A reserved staging slot: write the value into it, then [`Client::commit`].
+/// A connected client. Cheap to clone; clones share one session, whose calls are pipelined
+/// on its connection (many tasks may call at once).
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
 #[derive(Debug)]
-pub struct Slot {
-    id: u64,
-    offset: usize,
-    len: usize,
+struct Inner {
+    socket: PathBuf,
+    options: ClientOptions,
+    current: parking_lot::Mutex<Arc<Session>>,
+    reconnecting: tokio::sync::Mutex<()>,
 }
 
-impl Slot {
-    /// The reservation id.
-    #[must_use]
-    pub fn id(&self) -> u64 {
-        self.id
-    }
-
-    /// Length of the value to write.
-    #[must_use]
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether the value is empty.
-    #[must_use]
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
+/// Values written to staging before their commit is sent, when a batch is pipelined.
+const PIPELINE_BYTES: usize = 2 << 20;
 
 impl Client {
     /// Connects with default options.
@@ -427,159 +173,80 @@ impl Client {
     /// As [`Client::connect`].
     pub async fn connect_with(socket: impl AsRef<Path>, options: ClientOptions) -> Result<Self> {
         let socket = socket.as_ref().to_path_buf();
-        let path = socket.clone();
-        // The URI is required by the API but unused: the connector dials the Unix socket.
-        let channel = Endpoint::from_static("http://[::1]:50051")
-            .connect_with_connector(tower::service_fn(move |_| {
-                let path = path.clone();
-                async move {
-                    Ok::<_, std::io::Error>(TokioIo::new(
-                        tokio::net::UnixStream::connect(path).await?,
-                    ))
-                }
-            }))
-            .await
-            .map_err(|source| ClientError::Connect {
-                socket: socket.clone(),
-                source,
-            })?;
-        let mut grpc = NodeCacheClient::new(channel);
-        let hs = grpc
-            .handshake(v1::HandshakeRequest {
-                protocol_version: PROTOCOL_VERSION,
-                client_name: options.client_name.clone(),
-                tenant: String::new(),
-            })
-            .await?
-            .into_inner();
-        if hs.protocol_version != PROTOCOL_VERSION {
-            return Err(ClientError::Protocol(format!(
-                "agent speaks protocol {}, this client {PROTOCOL_VERSION}",
-                hs.protocol_version
-            )));
-        }
-        let attach_path = socket
-            .parent()
-            .unwrap_or(Path::new("."))
-            .join(&hs.attach_socket);
-        let (reply, stream, fds) =
-            tokio::task::spawn_blocking(move || attach_session(&attach_path))
-                .await
-                .map_err(|e| ClientError::Attach(e.to_string()))??;
-        let [arena_fd, staging_fd]: [std::os::fd::OwnedFd; 2] =
-            fds.try_into().map_err(|v: Vec<_>| {
-                ClientError::Attach(format!("expected 2 descriptors, got {}", v.len()))
-            })?;
-        let arena_file = File::from(arena_fd);
-        let staging_file = File::from(staging_fd);
-        // SAFETY: the arena is mapped read-only from a read-only descriptor; the agent never
-        // rewrites an extent while a lease on it is held, which is when `Value` reads it.
-        let arena = unsafe {
-            MmapOptions::new()
-                .len(reply.arena_len as usize)
-                .map(&arena_file)
-        }
-        .map_err(|source| ClientError::Io {
-            what: "mapping the arena",
-            source,
-        })?;
-        let staging = MmapOptions::new()
-            .len(reply.staging_len as usize)
-            .map_raw(&staging_file)
-            .map_err(|source| ClientError::Io {
-                what: "mapping the staging area",
-                source,
-            })?;
-        let limits = hs.limits.unwrap_or_default();
-        let info = AgentInfo {
-            agent_version: hs.agent_version,
-            arena_size: reply.arena_len,
-            staging_size: reply.staging_len,
-            page_size: hs.page_size,
-            limits,
-        };
-        stream
-            .set_nonblocking(true)
-            .map_err(|source| ClientError::Io {
-                what: "session connection",
-                source,
-            })?;
-        let stream =
-            tokio::net::UnixStream::from_std(stream).map_err(|source| ClientError::Io {
-                what: "session connection",
-                source,
-            })?;
-        let conn = Arc::new(SessionConn(tokio::sync::Mutex::new(ConnState {
-            stream,
-            buf: Vec::new(),
-            in_step: true,
-        })));
-        let releases = Arc::new(ReleaseQueue::default());
-        let shared = Arc::new(Shared {
-            arena,
-            staging,
-            releases: releases.clone(),
-            conn: conn.clone(),
-        });
-        let flusher = tokio::spawn(flush_releases(
-            grpc.clone(),
-            reply.session,
-            releases,
-            options.fast_path.then(|| conn.clone()),
-        ));
+        let session = Session::connect(&socket, &options).await?;
         Ok(Self {
-            grpc,
-            session: reply.session,
-            shared,
-            info: Arc::new(info),
-            options,
-            _flusher: Arc::new(FlusherGuard(flusher)),
+            inner: Arc::new(Inner {
+                socket,
+                options,
+                current: parking_lot::Mutex::new(session),
+                reconnecting: tokio::sync::Mutex::new(()),
+            }),
         })
     }
 
-    /// The session id.
+    /// The live session, attaching a new one when the agent closed the last (it restarted).
+    async fn live(&self) -> Result<Arc<Session>> {
+        let s = self.inner.current.lock().clone();
+        if !s.is_dead() {
+            return Ok(s);
+        }
+        let _one_at_a_time = self.inner.reconnecting.lock().await;
+        let s = self.inner.current.lock().clone();
+        if !s.is_dead() {
+            return Ok(s);
+        }
+        let fresh = Session::connect(&self.inner.socket, &self.inner.options).await?;
+        tracing::info!(
+            old = format_args!("{:#x}", s.id),
+            new = format_args!("{:#x}", fresh.id),
+            "re-attached after the session ended"
+        );
+        *self.inner.current.lock() = fresh.clone();
+        Ok(fresh)
+    }
+
+    /// The current session's id.
     #[must_use]
     pub fn session(&self) -> u64 {
-        self.session
+        self.inner.current.lock().id
     }
 
-    /// What the agent announced.
+    /// What the agent announced when the current session was attached.
     #[must_use]
-    pub fn info(&self) -> &AgentInfo {
-        &self.info
+    pub fn info(&self) -> Arc<AgentInfo> {
+        self.inner.current.lock().info.clone()
     }
 
-    /// How many leading `keys` are cached, and the tier of each of those.
+    /// How many leading `keys` are cached, and the tier of each of those. A prompt longer than
+    /// one request allows is looked up in consecutive requests, stopping at the first miss.
     ///
     /// # Errors
-    /// The agent's refusal (an invalid key, an oversized batch) or a transport error.
+    /// The agent's refusal (an invalid key) or a transport error.
     pub async fn lookup(&self, keys: &[&[u8]]) -> Result<(usize, Vec<v1::Tier>)> {
-        if let Some(r) = self.fast(&Request::Lookup(keys.to_vec())).await {
-            let Response::Lookup(tiers) = r? else {
-                return Err(ClientError::Protocol(
-                    "mismatched fast-path response".into(),
-                ));
+        let s = self.live().await?;
+        let mut tiers = Vec::new();
+        for r in s.sizer.split(keys.iter().map(|k| s.sizer.key(k))) {
+            let want = r.len();
+            let Response::Lookup(t) = s.call(&Request::Lookup(keys[r].to_vec()), None).await?
+            else {
+                return Err(mismatched(op::LOOKUP));
             };
-            let tiers: Vec<v1::Tier> = tiers
-                .into_iter()
-                .map(|t| v1::Tier::try_from(i32::from(t)).unwrap_or_default())
-                .collect();
-            return Ok((tiers.len(), tiers));
+            if t.len() > want {
+                return Err(ClientError::Protocol(format!(
+                    "lookup answered {} tiers for {want} keys",
+                    t.len()
+                )));
+            }
+            let full = t.len() == want;
+            tiers.extend(
+                t.into_iter()
+                    .map(|t| v1::Tier::try_from(i32::from(t)).unwrap_or_default()),
+            );
+            if !full {
+                break;
+            }
         }
-        let r = self
-            .grpc
-            .clone()
-            .lookup(v1::LookupRequest {
-                keys: keys.iter().map(|k| k.to_vec()).collect(),
-            })
-            .await?
-            .into_inner();
-        let tiers = r
-            .tiers
-            .into_iter()
-            .map(|t| v1::Tier::try_from(t).unwrap_or_default())
-            .collect();
-        Ok((r.prefix_hits as usize, tiers))
+        Ok((tiers.len(), tiers))
     }
 
     /// Puts one value.
@@ -595,381 +262,178 @@ impl Client {
                 ttl: None,
             }])
             .await?;
-        Ok(r[0])
+        r.into_iter()
+            .next()
+            .ok_or_else(|| ClientError::Protocol("no outcome for the put".into()))
     }
 
-    /// Puts a batch of values: one reserve, the copies into staging, one commit.
+    /// Puts a batch of values. The batch is sent in rounds that fit the agent's limits (items
+    /// per request, request size, staging space per session); in each round one reserve is
+    /// sent, then the values are written into staging in groups of about 2 MiB, each group's
+    /// commit sent as soon as it is written, so the agent copies one group while this client
+    /// writes the next.
     ///
     /// # Errors
-    /// The agent's refusal (invalid or oversized input, `RESOURCE_EXHAUSTED` when no space
-    /// can be made) or a transport error. A refused batch stores nothing.
+    /// Invalid input, the agent's refusal (`RESOURCE_EXHAUSTED` when no space can be made) or
+    /// a transport error. When nothing was stored the error is the refusal itself; when an
+    /// earlier round was stored it is [`ClientError::PartialPut`], which gives the outcome of
+    /// every item (`None` for those not stored).
     pub async fn put_many(&self, puts: &[Put<'_>]) -> Result<Vec<PutOutcome>> {
-        let items: Vec<Reserve<'_>> = puts
+        let s = self.live().await?;
+        let items: Vec<ReserveItem<'_>> = puts
             .iter()
-            .map(|p| Reserve {
+            .map(|p| ReserveItem {
                 key: p.key,
                 value_len: p.value.len() as u64,
                 metadata: p.metadata,
-                ttl: p.ttl,
+                ttl_ms: ttl_ms(p.ttl),
+                overwrite: false,
             })
             .collect();
-        if self.options.fast_path
-            && let Some(r) = self.put_many_fast(&items, puts).await
-        {
-            return r;
-        }
-        let slots = self.reserve(&items).await?;
-        // Each group's commit is in flight while the next group is written: the agent's copy
-        // into the arena then overlaps the client's copy into staging.
-        let mut pending = Vec::new();
-        for group in self.commit_groups(&slots, puts) {
-            let req = v1::CommitRequest {
-                session: self.session,
-                items: group?
-                    .into_iter()
-                    .map(|(reservation_id, checksum)| v1::CommitItem {
-                        reservation_id,
-                        checksum,
-                    })
-                    .collect(),
-            };
-            pending.push(tokio::spawn(commit_request(self.grpc.clone(), req)));
-        }
-        let mut outcomes = Vec::with_capacity(slots.len());
-        for h in pending {
-            let r = h
-                .await
-                .map_err(|e| ClientError::Protocol(format!("commit task: {e}")))?;
-            outcomes.extend(r?);
-        }
-        Ok(outcomes_of(&slots, outcomes))
-    }
-
-    /// The commits of a batch, in groups of about [`PIPELINE_BYTES`]: each group's values are
-    /// written into their staging slots as the group is taken, so a caller that sends each
-    /// group before taking the next lets the agent copy one group while this client writes
-    /// the next.
-    fn commit_groups<'a>(
-        &'a self,
-        slots: &'a [Option<Slot>],
-        puts: &'a [Put<'_>],
-    ) -> impl Iterator<Item = Result<Vec<(u64, Option<u64>)>>> + 'a {
-        let mut reserved = slots
-            .iter()
-            .zip(puts)
-            .filter_map(|(s, p)| Some((s.as_ref()?, p.value)));
-        std::iter::from_fn(move || {
-            let mut group = Vec::new();
-            let mut bytes = 0;
-            for (slot, value) in reserved.by_ref() {
-                if let Err(e) = self.write_slot(slot, 0, value) {
-                    return Some(Err(e));
-                }
-                group.push((slot.id, self.options.verify_puts.then(|| checksum(value))));
-                bytes += value.len();
-                if bytes >= PIPELINE_BYTES {
-                    break;
-                }
+        let mut outcomes: Vec<Option<PutOutcome>> = vec![None; puts.len()];
+        for round in rounds(&s, &items) {
+            let r = put_round(
+                &s,
+                &items[round.clone()],
+                &puts[round.clone()],
+                &mut outcomes[round],
+            )
+            .await;
+            if let Err(e) = r {
+                return Err(partial(outcomes, e));
             }
-            (!group.is_empty()).then_some(Ok(group))
-        })
-    }
-
-    /// `put_many` over the session connection, pipelined: one reserve, then each group's
-    /// commit is sent as soon as its values are in staging, and the responses are read at the
-    /// end, so the agent copies one group while this client writes the next. `None` when the
-    /// connection is out of step.
-    async fn put_many_fast(
-        &self,
-        items: &[Reserve<'_>],
-        puts: &[Put<'_>],
-    ) -> Option<Result<Vec<PutOutcome>>> {
-        let mut st = self.shared.conn.0.lock().await;
-        if !st.in_step {
-            return None;
         }
-        st.in_step = false;
-        let r = self.put_pipelined(&mut st, items, puts).await;
-        st.in_step = in_step(&r);
-        Some(r)
-    }
-
-    async fn put_pipelined(
-        &self,
-        st: &mut ConnState,
-        items: &[Reserve<'_>],
-        puts: &[Put<'_>],
-    ) -> Result<Vec<PutOutcome>> {
-        let req = Request::Reserve(
-            items
-                .iter()
-                .map(|r| ReserveItem {
-                    key: r.key,
-                    value_len: r.value_len,
-                    metadata: r.metadata,
-                    ttl_ms: ttl_ms(r.ttl),
-                    overwrite: false,
-                })
-                .collect(),
-        );
-        st.send(&req).await?;
-        let Response::Reserve(slots) = st.recv(op::RESERVE).await? else {
-            return Err(ClientError::Protocol(
-                "mismatched fast-path response".into(),
-            ));
-        };
-        if slots.len() != puts.len() {
-            return Err(ClientError::Protocol(
-                "reserve answered the wrong number of items".into(),
-            ));
-        }
-        let slots: Vec<Option<Slot>> = slots
+        outcomes
             .into_iter()
-            .zip(puts)
-            .map(|(s, p)| {
-                s.map(|(id, off)| self.slot(id, off, p.value.len()))
-                    .transpose()
-            })
-            .collect::<Result<_>>()?;
-        let mut sent = 0;
-        for group in self.commit_groups(&slots, puts) {
-            st.send(&Request::Commit(group?)).await?;
-            sent += 1;
-        }
-        // Read every response, even after a refusal, so the stream stays in step.
-        let mut committed = Vec::with_capacity(slots.len());
-        let mut refused = None;
-        for _ in 0..sent {
-            match st.recv(op::COMMIT).await {
-                Ok(Response::Commit(c)) => committed.extend(c),
-                Ok(_) => {
-                    return Err(ClientError::Protocol(
-                        "mismatched fast-path response".into(),
-                    ));
-                }
-                Err(e @ ClientError::Status(_)) => refused = refused.or(Some(e)),
-                Err(e) => return Err(e),
-            }
-        }
-        if let Some(e) = refused {
-            return Err(e);
-        }
-        let committed = committed.into_iter().map(|ok| {
-            if ok {
-                PutOutcome::Stored
-            } else {
-                PutOutcome::ChecksumMismatch
-            }
-        });
-        Ok(outcomes_of(&slots, committed))
+            .map(|o| o.ok_or_else(|| ClientError::Protocol("a put has no outcome".into())))
+            .collect()
     }
 
-    /// A slot at `offset` of `len` bytes, checked against the staging area.
-    fn slot(&self, id: u64, offset: u64, len: usize) -> Result<Slot> {
-        let offset = offset as usize;
-        if offset
-            .checked_add(len)
-            .is_none_or(|end| end > self.shared.staging.len())
-        {
-            return Err(ClientError::Protocol("staging slot out of bounds".into()));
-        }
-        Ok(Slot { id, offset, len })
-    }
-
-    /// Reserves staging slots; `None` for keys already cached.
+    /// Reserves staging slots; `None` for keys already cached. All or nothing: when a batch
+    /// is sent in several requests and one is refused, the slots already reserved are
+    /// aborted.
     ///
     /// # Errors
     /// The agent's refusal or a transport error; then nothing is reserved.
     pub async fn reserve(&self, items: &[Reserve<'_>]) -> Result<Vec<Option<Slot>>> {
-        let r = self
-            .grpc
-            .clone()
-            .reserve(v1::ReserveRequest {
-                session: self.session,
-                items: items
-                    .iter()
-                    .map(|r| v1::PutItem {
-                        key: r.key.to_vec(),
-                        value_len: r.value_len,
-                        metadata: r.metadata.to_vec(),
-                        ttl_ms: ttl_ms(r.ttl),
-                        overwrite: false,
-                    })
-                    .collect(),
-            })
-            .await?
-            .into_inner();
-        if r.reservations.len() != items.len() {
-            return Err(ClientError::Protocol(
-                "reserve answered the wrong number of items".into(),
-            ));
-        }
-        r.reservations
+        let s = self.live().await?;
+        let items: Vec<ReserveItem<'_>> = items
             .iter()
-            .zip(items)
-            .map(
-                |(res, item)| match v1::ReserveStatus::try_from(res.status) {
-                    Ok(v1::ReserveStatus::Reserved) => self
-                        .slot(
-                            res.reservation_id,
-                            res.staging_offset,
-                            item.value_len as usize,
-                        )
-                        .map(Some),
-                    Ok(v1::ReserveStatus::Exists) => Ok(None),
-                    _ => Err(ClientError::Protocol(format!(
-                        "unknown reserve status {}",
-                        res.status
-                    ))),
-                },
-            )
-            .collect()
+            .map(|r| ReserveItem {
+                key: r.key,
+                value_len: r.value_len,
+                metadata: r.metadata,
+                ttl_ms: ttl_ms(r.ttl),
+                overwrite: false,
+            })
+            .collect();
+        let mut slots = Vec::with_capacity(items.len());
+        for round in rounds(&s, &items) {
+            // Slots of earlier rounds are aborted when dropped on this error.
+            slots.extend(reserve(&s, &items[round]).await?);
+        }
+        Ok(slots)
     }
 
     /// Writes `data` at `at` within `slot`.
     ///
     /// # Errors
-    /// When the write would leave the slot.
+    /// When the write would leave the slot, the slot's session ended, or its reservation is
+    /// about to time out (see [`Slot`]).
     pub fn write_slot(&self, slot: &Slot, at: usize, data: &[u8]) -> Result<()> {
-        if at.checked_add(data.len()).is_none_or(|end| end > slot.len) {
-            return Err(ClientError::Protocol(format!(
-                "write of {} bytes at {at} leaves a slot of {} bytes",
-                data.len(),
-                slot.len
-            )));
-        }
-        // SAFETY: the range lies inside this session's reserved staging slot (bounds checked
-        // here and at reserve); the agent does not touch it until commit, and no reference
-        // into shared memory is created, only a raw copy.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                data.as_ptr(),
-                self.shared.staging.as_mut_ptr().add(slot.offset + at),
-                data.len(),
-            );
-        }
-        Ok(())
+        slot.write(at, data)
     }
 
-    /// Commits slots filled by the caller (no checksum).
+    /// Commits slots filled by the caller (no checksum); the slots are consumed, so none can
+    /// be written after its commit.
     ///
     /// # Errors
-    /// The agent's refusal (unknown, foreign or duplicate reservation) or a transport error.
-    pub async fn commit(&self, slots: &[Slot]) -> Result<Vec<PutOutcome>> {
-        let items = slots
-            .iter()
-            .map(|s| v1::CommitItem {
-                reservation_id: s.id,
-                checksum: None,
-            })
-            .collect();
-        commit_request(
-            self.grpc.clone(),
-            v1::CommitRequest {
-                session: self.session,
-                items,
-            },
-        )
-        .await
+    /// The agent's refusal (an expired reservation, for instance) or a transport error. When
+    /// the slots span several requests and a later one is refused, the error is
+    /// [`ClientError::PartialPut`] with the outcome of each slot.
+    pub async fn commit(&self, slots: Vec<Slot>) -> Result<Vec<PutOutcome>> {
+        let mut outcomes: Vec<Option<PutOutcome>> = vec![None; slots.len()];
+        let mut at = 0;
+        for group in group_by_session(slots) {
+            let s = group[0].session.clone();
+            let ranges = s.sizer.split(group.iter().map(|_| s.sizer.commit()));
+            let mut ids: Vec<(u64, Option<u64>)> = group
+                .into_iter()
+                .map(|slot| (slot.disarm(), None))
+                .collect();
+            let mut pending = Vec::new();
+            for r in ranges {
+                let n = r.len();
+                let part: Vec<_> = ids.drain(..n).collect();
+                pending.push((at, n, s.call(&Request::Commit(part), None)));
+                at += n;
+            }
+            for (start, n, p) in pending {
+                match commit_outcomes(p.await, n) {
+                    Ok(o) => {
+                        for (slot, o) in outcomes[start..start + n].iter_mut().zip(o) {
+                            *slot = Some(o);
+                        }
+                    }
+                    Err(e) => return Err(partial(outcomes, e)),
+                }
+            }
+        }
+        outcomes
+            .into_iter()
+            .map(|o| o.ok_or_else(|| ClientError::Protocol("a commit has no outcome".into())))
+            .collect()
     }
 
     /// Abandons reserved slots.
     ///
     /// # Errors
     /// The agent's refusal or a transport error.
-    pub async fn abort(&self, slots: &[Slot]) -> Result<()> {
-        self.grpc
-            .clone()
-            .abort(v1::AbortRequest {
-                session: self.session,
-                reservation_ids: slots.iter().map(|s| s.id).collect(),
-            })
-            .await?;
+    pub async fn abort(&self, slots: Vec<Slot>) -> Result<()> {
+        for group in group_by_session(slots) {
+            let s = group[0].session.clone();
+            let ranges = s.sizer.split(group.iter().map(|_| s.sizer.id()));
+            let mut ids: Vec<u64> = group.into_iter().map(Slot::disarm).collect();
+            for r in ranges {
+                let part: Vec<u64> = ids.drain(..r.len()).collect();
+                match s.call(&Request::Abort(part), None).await? {
+                    Response::Abort => {}
+                    _ => return Err(mismatched(op::ABORT)),
+                }
+            }
+        }
         Ok(())
     }
 
-    /// Gets values; `None` for keys not cached. Each value holds a lease until dropped.
+    /// Gets values; `None` for keys not cached. Each value holds a lease until dropped. A
+    /// batch larger than one request allows is sent as several pipelined requests.
     ///
     /// # Errors
-    /// The agent's refusal (an invalid key, too many leases) or a transport error.
+    /// The agent's refusal (an invalid key, too many leases) or a transport error; then no
+    /// lease of this call is kept.
     pub async fn get(&self, keys: &[&[u8]]) -> Result<Vec<Option<Value>>> {
-        // Leases of dropped values ride along with the next get instead of a call of their own.
-        let mut done = self.shared.releases.take();
-        let req = Request::Get(keys.to_vec(), std::mem::take(&mut done.ids));
-        let fast = self.fast(&req).await;
-        if fast.is_none()
-            && let Request::Get(_, ids) = req
-        {
-            // Not sent: they go with the next call instead.
-            self.shared.releases.pending.lock().extend(ids);
+        let s = self.live().await?;
+        let sizes: Vec<usize> = keys.iter().map(|k| s.sizer.key(k)).collect();
+        let mut pending = Vec::new();
+        for r in s.sizer.split(sizes.iter().copied()) {
+            let used: usize = sizes[r.clone()].iter().sum();
+            // Leases of dropped values ride along instead of a call of their own.
+            let room = s.sizer.budget.saturating_sub(used) / s.sizer.id();
+            let (ids, settle) = s.queues.take_releases(room.min(s.sizer.max_batch));
+            let n = r.len();
+            pending.push((n, s.call(&Request::Get(keys[r].to_vec(), ids), settle)));
         }
-        drop(done);
-        let found: Vec<Option<Found>> = match fast {
-            Some(r) => {
-                let Response::Get(items) = r? else {
-                    return Err(ClientError::Protocol(
-                        "mismatched fast-path response".into(),
-                    ));
-                };
-                items
-            }
-            None => self
-                .grpc
-                .clone()
-                .get(v1::GetRequest {
-                    session: self.session,
-                    keys: keys.iter().map(|k| k.to_vec()).collect(),
-                })
-                .await?
-                .into_inner()
-                .items
-                .into_iter()
-                .map(|it| {
-                    it.found.then_some(Found {
-                        lease: it.lease_id,
-                        offset: it.offset,
-                        len: it.len,
-                        tier: it.tier as u8,
-                        metadata: it.metadata,
-                    })
-                })
-                .collect(),
-        };
-        if found.len() != keys.len() {
-            return Err(ClientError::Protocol(
-                "get answered the wrong number of keys".into(),
-            ));
-        }
-        let arena_len = self.shared.arena.len() as u64;
-        let mut out = Vec::with_capacity(found.len());
-        for f in found {
-            let Some(f) = f else {
-                out.push(None);
-                continue;
+        let mut out = Vec::with_capacity(keys.len());
+        for (n, p) in pending {
+            let Response::Get(found) = p.await? else {
+                return Err(mismatched(op::GET));
             };
-            if f.offset
-                .checked_add(f.len)
-                .is_none_or(|end| end > arena_len)
-            {
-                return Err(ClientError::Protocol("value extent out of bounds".into()));
+            count(op::GET, found.len(), n)?;
+            for f in found {
+                out.push(f.map(|f| value(&s, f)).transpose()?);
             }
-            out.push(Some(Value {
-                shared: self.shared.clone(),
-                offset: f.offset as usize,
-                len: f.len as usize,
-                lease: f.lease,
-                metadata: f.metadata,
-            }));
         }
         Ok(out)
-    }
-
-    /// A fast-path call, when enabled and the connection is in step.
-    async fn fast(&self, req: &Request<'_>) -> Option<Result<Response>> {
-        if !self.options.fast_path {
-            return None;
-        }
-        self.shared.conn.call(req).await
     }
 
     /// Releases the leases of every value dropped so far, and returns once the agent has
@@ -979,22 +443,14 @@ impl Client {
     /// # Errors
     /// A transport error.
     pub async fn flush_releases(&self) -> Result<()> {
-        let queue = &self.shared.releases;
+        let s = self.inner.current.lock().clone();
         loop {
-            let mut batch = queue.take();
-            if !batch.ids.is_empty() {
-                self.grpc
-                    .clone()
-                    .release(v1::ReleaseRequest {
-                        session: self.session,
-                        lease_ids: std::mem::take(&mut batch.ids),
-                    })
-                    .await?;
+            s.send_queued().await;
+            s.queues.settled().await;
+            if s.is_dead() {
+                return Err(s.disconnected());
             }
-            drop(batch);
-            queue.settled().await;
-            // A get whose fast path was out of step puts its ids back: send those too.
-            if queue.pending.lock().is_empty() {
+            if !s.queues.releases_pending() {
                 return Ok(());
             }
         }
@@ -1005,14 +461,19 @@ impl Client {
     /// # Errors
     /// The agent's refusal or a transport error.
     pub async fn delete(&self, keys: &[&[u8]]) -> Result<usize> {
-        let r = self
-            .grpc
-            .clone()
-            .delete(v1::DeleteRequest {
-                keys: keys.iter().map(|k| k.to_vec()).collect(),
-            })
-            .await?;
-        Ok(r.into_inner().deleted as usize)
+        let s = self.live().await?;
+        let sizer = batch::Sizer {
+            fast: false,
+            ..s.sizer
+        };
+        let mut deleted = 0;
+        for r in sizer.split(keys.iter().map(|k| sizer.key(k))) {
+            let req = v1::DeleteRequest {
+                keys: keys[r].iter().map(|k| k.to_vec()).collect(),
+            };
+            deleted += s.grpc.clone().delete(req).await?.into_inner().deleted as usize;
+        }
+        Ok(deleted)
     }
 
     /// The agent's counters.
@@ -1020,8 +481,8 @@ impl Client {
     /// # Errors
     /// A transport error.
     pub async fn stats(&self) -> Result<v1::StatsResponse> {
-        Ok(self
-            .grpc
+        let s = self.live().await?;
+        Ok(s.grpc
             .clone()
             .stats(v1::StatsRequest {})
             .await?
@@ -1034,125 +495,201 @@ fn ttl_ms(ttl: Option<Duration>) -> u64 {
     ttl.map_or(0, |t| t.as_millis().max(1) as u64)
 }
 
-/// The outcome of each put: `committed` in order for the reserved ones, `Exists` for keys
-/// that were cached already.
-fn outcomes_of(
-    slots: &[Option<Slot>],
-    committed: impl IntoIterator<Item = PutOutcome>,
-) -> Vec<PutOutcome> {
-    let mut it = committed.into_iter();
-    slots
-        .iter()
-        .map(|s| match s {
-            Some(_) => it.next().unwrap_or(PutOutcome::Stored),
-            None => PutOutcome::Exists,
-        })
-        .collect()
+/// `e` as the error of a batch of which `outcomes` is known: the error itself when nothing
+/// was done, else a [`ClientError::PartialPut`].
+fn partial(outcomes: Vec<Option<PutOutcome>>, e: ClientError) -> ClientError {
+    if outcomes.iter().all(Option::is_none) {
+        e
+    } else {
+        ClientError::PartialPut {
+            outcomes,
+            source: Box::new(e),
+        }
+    }
 }
 
-/// Values written to staging before their commit is sent, when a batch is pipelined.
-const PIPELINE_BYTES: usize = 2 << 20;
-
-async fn commit_request(
-    mut grpc: NodeCacheClient<Channel>,
-    req: v1::CommitRequest,
-) -> Result<Vec<PutOutcome>> {
-    if req.items.is_empty() {
-        return Ok(Vec::new());
+/// The rounds a batch of puts is sent in: each round's reserve fits one request, and its
+/// values fit the staging space and reservations one session may hold.
+fn rounds(s: &Session, items: &[ReserveItem<'_>]) -> Vec<Range<usize>> {
+    let limits = &s.info.limits;
+    let page = u64::from(s.info.page_size.max(1));
+    let staging_quota = match limits.max_staging_per_session {
+        0 => s.staging_len() as u64,
+        n => n,
+    };
+    let max_items = match limits.max_reservations_per_session {
+        0 => s.sizer.max_batch,
+        n => s.sizer.max_batch.min(n as usize),
+    };
+    let mut out = Vec::new();
+    let (mut start, mut bytes, mut staging) = (0, 0, 0u64);
+    for (i, it) in items.iter().enumerate() {
+        let size = s.sizer.reserve(it);
+        let pages = it.value_len.div_ceil(page).max(1) * page;
+        if i > start
+            && (i - start == max_items
+                || bytes + size > s.sizer.budget
+                || staging + pages > staging_quota)
+        {
+            out.push(start..i);
+            (start, bytes, staging) = (i, 0, 0);
+        }
+        bytes += size;
+        staging += pages;
     }
-    let r = grpc.commit(req).await?.into_inner();
-    Ok(r.statuses
+    if items.len() > start {
+        out.push(start..items.len());
+    }
+    out
+}
+
+/// One reserve request; slots are checked against the staging area.
+async fn reserve(s: &Arc<Session>, items: &[ReserveItem<'_>]) -> Result<Vec<Option<Slot>>> {
+    let sent = Instant::now();
+    let resp = s.call(&Request::Reserve(items.to_vec()), None).await?;
+    let Response::Reserve(granted) = resp else {
+        return Err(mismatched(op::RESERVE));
+    };
+    // Slots are made for every grant first, so an error below aborts them all.
+    let timeout = Duration::from_millis(s.info.limits.reservation_timeout_ms);
+    let write_by = sent + timeout.saturating_sub((timeout / 4).min(Duration::from_secs(2)));
+    let slots: Vec<Option<Slot>> = granted
+        .iter()
+        .zip(
+            items
+                .iter()
+                .map(|i| i.value_len)
+                .chain(std::iter::repeat(0)),
+        )
+        .map(|(g, len)| {
+            g.map(|(id, offset)| Slot {
+                session: s.clone(),
+                id,
+                offset: offset as usize,
+                len: len as usize,
+                write_by,
+                armed: true,
+            })
+        })
+        .collect();
+    count(op::RESERVE, slots.len(), items.len())?;
+    if slots.iter().flatten().any(|slot| {
+        slot.offset
+            .checked_add(slot.len)
+            .is_none_or(|end| end > s.staging_len())
+    }) {
+        return Err(ClientError::Protocol("staging slot out of bounds".into()));
+    }
+    Ok(slots)
+}
+
+/// One round of `put_many`: reserve, then write and commit in pipelined groups. Records the
+/// outcome of each item in `outcomes` as it becomes known, so that a failure part-way leaves
+/// there what was stored.
+async fn put_round(
+    s: &Arc<Session>,
+    items: &[ReserveItem<'_>],
+    puts: &[Put<'_>],
+    outcomes: &mut [Option<PutOutcome>],
+) -> Result<()> {
+    let slots = reserve(s, items).await?;
+    for (o, slot) in outcomes.iter_mut().zip(&slots) {
+        if slot.is_none() {
+            *o = Some(PutOutcome::Exists);
+        }
+    }
+    let mut reserved: Vec<(usize, Slot, &[u8])> = Vec::with_capacity(slots.len());
+    for (i, (slot, p)) in slots.into_iter().zip(puts).enumerate() {
+        if let Some(slot) = slot {
+            reserved.push((i, slot, p.value));
+        }
+    }
+    let mut reserved = reserved.into_iter().peekable();
+    let mut pending = Vec::new();
+    let mut refused = None;
+    while refused.is_none() && reserved.peek().is_some() {
+        let (mut group, mut bytes, mut at) = (Vec::new(), 0, Vec::new());
+        while let Some((i, slot, value)) =
+            reserved.next_if(|_| bytes < PIPELINE_BYTES && group.len() < s.sizer.max_batch)
+        {
+            if let Err(e) = slot.write(0, value) {
+                // This slot and every one not yet written are dropped, and so aborted.
+                refused = Some(e);
+                break;
+            }
+            let sum = s.verify.then(|| checksum(value));
+            bytes += value.len();
+            at.push(i);
+            group.push((slot, sum));
+        }
+        if group.is_empty() {
+            break;
+        }
+        let group: Vec<(u64, Option<u64>)> = group
+            .into_iter()
+            .map(|(slot, sum)| (slot.disarm(), sum))
+            .collect();
+        pending.push((at, s.call(&Request::Commit(group), None)));
+    }
+    drop(reserved);
+    // Every commit sent is awaited, even after a refusal, so that each outcome is known.
+    for (at, p) in pending {
+        match commit_outcomes(p.await, at.len()) {
+            Ok(o) => {
+                for (i, o) in at.into_iter().zip(o) {
+                    outcomes[i] = Some(o);
+                }
+            }
+            Err(e) => refused = refused.or(Some(e)),
+        }
+    }
+    refused.map_or(Ok(()), Err)
+}
+
+fn commit_outcomes(r: Result<Response>, n: usize) -> Result<Vec<PutOutcome>> {
+    let Response::Commit(done) = r? else {
+        return Err(mismatched(op::COMMIT));
+    };
+    count(op::COMMIT, done.len(), n)?;
+    Ok(done
         .into_iter()
-        .map(|s| match v1::CommitStatus::try_from(s) {
-            Ok(v1::CommitStatus::ChecksumMismatch) => PutOutcome::ChecksumMismatch,
-            _ => PutOutcome::Stored,
+        .map(|ok| {
+            if ok {
+                PutOutcome::Stored
+            } else {
+                PutOutcome::ChecksumMismatch
+            }
         })
         .collect())
 }
 
-/// Sends the releases of dropped values in batches; runs until the last clone of the client
-/// is dropped.
-async fn flush_releases(
-    grpc: NodeCacheClient<Channel>,
-    session: u64,
-    queue: Arc<ReleaseQueue>,
-    conn: Option<Arc<SessionConn>>,
-) {
-    loop {
-        let notified = queue.wake.notified();
-        let mut batch = queue.take();
-        if batch.ids.is_empty() {
-            notified.await;
-            continue;
-        }
-        let ids = std::mem::take(&mut batch.ids);
-        if let Err(e) = release(&grpc, session, conn.as_deref(), ids).await {
-            tracing::warn!(error = %e, "releasing leases");
+/// Consecutive runs of slots of one session (slots outlive a reconnect).
+fn group_by_session(slots: Vec<Slot>) -> Vec<Vec<Slot>> {
+    let mut out: Vec<Vec<Slot>> = Vec::new();
+    for slot in slots {
+        match out.last_mut() {
+            Some(g) if Arc::ptr_eq(&g[0].session, &slot.session) => g.push(slot),
+            _ => out.push(vec![slot]),
         }
     }
+    out
 }
 
-/// Releases `ids` over the session connection when given and in step, else over gRPC.
-async fn release(
-    grpc: &NodeCacheClient<Channel>,
-    session: u64,
-    conn: Option<&SessionConn>,
-    ids: Vec<u64>,
-) -> Result<()> {
-    if ids.is_empty() {
-        return Ok(());
-    }
-    if let Some(c) = conn
-        && let Some(r) = c.call(&Request::Release(ids.clone())).await
-    {
-        return r.map(|_| ());
-    }
-    grpc.clone()
-        .release(v1::ReleaseRequest {
-            session,
-            lease_ids: ids,
-        })
-        .await?;
-    Ok(())
-}
-
-fn attach_session(path: &Path) -> Result<(Reply, StdUnixStream, Vec<std::os::fd::OwnedFd>)> {
-    use std::os::fd::AsFd;
-    let err = |e: std::io::Error| ClientError::Attach(format!("{}: {e}", path.display()));
-    let mut stream = StdUnixStream::connect(path).map_err(err)?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(err)?;
-    stream
-        .write_all(
-            &Hello {
-                version: PROTOCOL_VERSION,
-                tenant: String::new(),
-            }
-            .encode(),
-        )
-        .map_err(err)?;
-    let mut buf = vec![0u8; MAX_REPLY_LEN];
-    let mut have = 0;
-    let mut fds = Vec::new();
-    let reply = loop {
-        let n = attach::recv_with_fds(stream.as_fd(), &mut buf[have..], &mut fds).map_err(err)?;
-        if n == 0 {
-            return Err(ClientError::Attach("agent closed the attach socket".into()));
-        }
-        have += n;
-        match Reply::decode(&buf[..have]) {
-            Ok(r) => break r,
-            Err(_) if have < MAX_REPLY_LEN => {}
-            Err(e) => return Err(ClientError::Attach(e.to_string())),
-        }
+/// A [`Value`] for a found item, checked against the arena.
+fn value(s: &Arc<Session>, f: Found) -> Result<Value> {
+    let v = Value {
+        session: s.clone(),
+        offset: f.offset as usize,
+        len: f.len as usize,
+        lease: f.lease,
+        metadata: f.metadata,
     };
-    if reply.status != attach::status::OK {
-        return Err(ClientError::Attach(format!(
-            "refused (status {}): {}",
-            reply.status, reply.message
-        )));
+    if f.offset
+        .checked_add(f.len)
+        .is_none_or(|end| end > s.arena().len() as u64)
+    {
+        // Dropping `v` returns the lease.
+        return Err(ClientError::Protocol("value extent out of bounds".into()));
     }
-    stream.set_read_timeout(None).map_err(err)?;
-    Ok((reply, stream, fds))
+    Ok(v)
 }

@@ -1,16 +1,20 @@
 //! The attach listener: opens a session for each client connection, hands over the arena
-//! (read-only) and staging (read-write) descriptors, and closes the session, reclaiming its
-//! leases and reservations, when the connection ends.
+//! (read-only) and staging (read-write) descriptors, serves the session's fast-path frames,
+//! and closes the session, reclaiming its leases and reservations, when the connection ends.
+//!
+//! A request never ends a session: an oversized frame is skipped, a malformed one or an
+//! unknown operation is answered with an error, and the connection stays in step. At
+//! shutdown the sessions stay open until the gRPC server has drained, so no extent a client
+//! still reads is handed to another put while the agent winds down.
 
 use std::{os::fd::AsFd, sync::Arc};
 
 use nencache_api::{
-    PROTOCOL_VERSION,
-    attach::{HELLO_HEADER_LEN, Hello, Reply, send_with_fds, status},
+    attach::{AttachError, HELLO_HEADER_LEN, Hello, Reply, send_with_fds, status},
     frame::{self, Found, Request, Response},
 };
 
-use nencache_engine::{Committed, Engine, PutItem, Reserved, SessionId};
+use nencache_engine::{Committed, Reserved, SessionId};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt, Interest},
     net::{UnixListener, UnixStream},
@@ -19,26 +23,31 @@ use tokio::{
 
 use crate::{
     metrics::Metrics,
-    service::{put_item, status_of, tier},
+    ops::{Ops, put_item, status_of, tier},
 };
 
-/// Accepts attach connections until `shutdown` flips.
-pub async fn serve(
-    listener: UnixListener,
-    engine: Arc<Engine>,
-    metrics: Arc<Metrics>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+/// When the listener stops accepting, and when open sessions end.
+#[derive(Debug, Clone)]
+pub struct Shutdown {
+    /// Flips when the agent stops accepting new sessions.
+    pub stop: watch::Receiver<bool>,
+    /// Flips once in-flight gRPC calls have drained; sessions then end.
+    pub drained: watch::Receiver<bool>,
+}
+
+/// Accepts attach connections until `shutdown.stop` flips.
+pub async fn serve(listener: UnixListener, ops: Ops, metrics: Arc<Metrics>, shutdown: Shutdown) {
+    let mut stop = shutdown.stop.clone();
     loop {
         tokio::select! {
-            _ = shutdown.changed() => break,
+            _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let engine = engine.clone();
+                    let ops = ops.clone();
                     let metrics = metrics.clone();
-                    let shutdown = shutdown.clone();
+                    let drained = shutdown.drained.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = session(stream, &engine, &metrics, shutdown).await {
+                        if let Err(e) = session(stream, &ops, &metrics, drained).await {
                             tracing::warn!(error = %e, "attach connection failed");
                         }
                     });
@@ -85,9 +94,9 @@ fn refusal(code: u32, message: impl Into<String>) -> Reply {
 
 async fn session(
     mut stream: UnixStream,
-    engine: &Engine,
+    ops: &Ops,
     metrics: &Metrics,
-    mut shutdown: watch::Receiver<bool>,
+    mut drained: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let cred = stream.peer_cred().ok();
     let (pid, uid, gid) = cred.map_or((None, None, None), |c| {
@@ -121,20 +130,10 @@ async fn session(
             ));
         }
     };
-    if hello.version != PROTOCOL_VERSION {
-        let msg = format!(
-            "protocol version {} is not supported (agent speaks {PROTOCOL_VERSION})",
-            hello.version
-        );
-        return reply(&stream, &refusal(status::BAD_VERSION, msg), &[]).await;
+    if let Err((code, msg)) = ops.check_hello(hello.version, &hello.tenant) {
+        return reply(&stream, &refusal(code, msg), &[]).await;
     }
-    if !(hello.tenant.is_empty() || hello.tenant == "default") {
-        let msg = format!(
-            "unknown tenant {:?}; this agent serves only \"default\"",
-            hello.tenant
-        );
-        return reply(&stream, &refusal(status::UNKNOWN_TENANT, msg), &[]).await;
-    }
+    let engine = ops.engine();
     let id = match engine.open_session() {
         Ok(id) => id,
         Err(e) => return reply(&stream, &refusal(status::EXHAUSTED, e.to_string()), &[]).await,
@@ -161,7 +160,7 @@ async fn session(
         );
         metrics.sessions_opened.inc();
         // The session lives as long as the connection, which carries fast-path calls.
-        serve_frames(&mut stream, engine, metrics, id, &mut shutdown).await
+        serve_frames(&mut stream, ops, metrics, id, &mut drained).await
     }
     .await;
     match engine.close_session(id) {
@@ -177,49 +176,66 @@ async fn session(
     result
 }
 
-/// Answers fast-path frames until the client disconnects, sends a malformed frame, or the
-/// agent shuts down.
+/// Reads and drops `n` bytes (the body of a frame too long to take).
+async fn skip(stream: &mut UnixStream, mut n: usize, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    buf.resize(64 << 10, 0);
+    while n > 0 {
+        let take = n.min(buf.len());
+        stream.read_exact(&mut buf[..take]).await?;
+        n -= take;
+    }
+    Ok(())
+}
+
+/// Answers fast-path frames until the client disconnects or the agent has drained its
+/// in-flight calls at shutdown. No request ends the session.
 async fn serve_frames(
     stream: &mut UnixStream,
-    engine: &Engine,
+    ops: &Ops,
     metrics: &Metrics,
     session: SessionId,
-    shutdown: &mut watch::Receiver<bool>,
+    drained: &mut watch::Receiver<bool>,
 ) -> std::io::Result<()> {
+    let max = ops.wire().max_frame_len;
     let mut len = [0u8; 4];
     let mut body = Vec::new();
     let mut out = Vec::new();
     loop {
         tokio::select! {
             r = stream.read_exact(&mut len) => if r.is_err() { return Ok(()) },
-            _ = shutdown.changed() => return Ok(()),
+            _ = async { drained.wait_for(|d| *d).await.map(|_| ()) } => return Ok(()),
         }
         let start = std::time::Instant::now();
         let n = u32::from_le_bytes(len) as usize;
         out.clear();
-        if n == 0 || n > frame::MAX_FRAME {
-            let message = format!("frame of {n} bytes is outside 1..={}", frame::MAX_FRAME);
-            Response::Error {
-                code: frame::INVALID_ARGUMENT,
-                message,
+        let (method, resp) = if n == 0 || n > max {
+            if n > max {
+                skip(stream, n, &mut body).await?;
             }
-            .encode(&mut out);
-            stream.write_all(&out).await?;
-            return Ok(());
-        }
-        body.resize(n, 0);
-        stream.read_exact(&mut body).await?;
-        let (method, resp, fatal) = match Request::decode(&body) {
-            Ok(req) => {
-                let (method, resp) = handle(engine, session, req);
-                (method, resp, false)
-            }
-            Err(e) => {
-                let resp = Response::Error {
+            let message = format!("frame of {n} bytes is outside 1..={max}");
+            (
+                "session_malformed",
+                Response::Error {
                     code: frame::INVALID_ARGUMENT,
-                    message: e.to_string(),
-                };
-                ("session_malformed", resp, true)
+                    message,
+                },
+            )
+        } else {
+            body.resize(n, 0);
+            stream.read_exact(&mut body).await?;
+            match Request::decode(&body) {
+                Ok(req) => handle(ops, session, req).await,
+                Err(e) => {
+                    let code = match e {
+                        AttachError::UnknownOperation => frame::UNIMPLEMENTED,
+                        _ => frame::INVALID_ARGUMENT,
+                    };
+                    let message = match e {
+                        AttachError::UnknownOperation => format!("unknown operation {}", body[0]),
+                        e => e.to_string(),
+                    };
+                    ("session_malformed", Response::Error { code, message })
+                }
             }
         };
         let code = match &resp {
@@ -229,51 +245,44 @@ async fn serve_frames(
         resp.encode(&mut out);
         stream.write_all(&out).await?;
         metrics.observe(method, code, start.elapsed().as_secs_f64());
-        if fatal {
-            return Ok(());
-        }
     }
 }
 
-fn handle(engine: &Engine, session: SessionId, req: Request<'_>) -> (&'static str, Response) {
+async fn handle(ops: &Ops, session: SessionId, req: Request<'_>) -> (&'static str, Response) {
     let (method, r) = match req {
         Request::Lookup(keys) => (
             "session_lookup",
-            engine
-                .lookup(&keys)
-                .map(|l| Response::Lookup(l.tiers.into_iter().map(|t| tier(t) as u8).collect())),
+            ops.lookup(&keys)
+                .map(|tiers| Response::Lookup(tiers.into_iter().map(|t| tier(t) as u8).collect())),
         ),
         Request::Get(keys, release) => (
             "session_get",
-            engine
-                .release(session, &release)
-                .and_then(|()| engine.get(session, &keys))
-                .map(|ls| {
-                    Response::Get(
-                        ls.into_iter()
-                            .map(|l| {
-                                l.map(|l| Found {
-                                    lease: l.id,
-                                    offset: l.offset,
-                                    len: l.len,
-                                    tier: tier(l.tier) as u8,
-                                    metadata: l.metadata,
-                                })
+            ops.get(session, &keys, &release).map(|ls| {
+                Response::Get(
+                    ls.into_iter()
+                        .map(|l| {
+                            l.map(|l| Found {
+                                lease: l.id,
+                                offset: l.offset,
+                                len: l.len,
+                                tier: tier(l.tier) as u8,
+                                metadata: l.metadata,
                             })
-                            .collect(),
-                    )
-                }),
+                        })
+                        .collect(),
+                )
+            }),
         ),
         Request::Release(ids) => (
             "session_release",
-            engine.release(session, &ids).map(|()| Response::Release),
+            ops.release(session, &ids).map(|()| Response::Release),
         ),
         Request::Reserve(items) => {
-            let items: Vec<PutItem<'_>> = items
+            let items: Vec<_> = items
                 .iter()
                 .map(|i| put_item(i.key, i.value_len, i.metadata, i.ttl_ms, i.overwrite))
                 .collect();
-            let r = engine.reserve(session, &items).map(|rs| {
+            let r = ops.reserve(session, &items).map(|rs| {
                 Response::Reserve(
                     rs.into_iter()
                         .map(|r| match r {
@@ -286,11 +295,16 @@ fn handle(engine: &Engine, session: SessionId, req: Request<'_>) -> (&'static st
             ("session_reserve", r)
         }
         Request::Commit(items) => {
-            // The commit copies values into the arena: keep that off the reactor.
-            let r = tokio::task::block_in_place(|| engine.commit(session, &items))
+            let r = ops
+                .commit(session, items)
+                .await
                 .map(|cs| Response::Commit(cs.into_iter().map(|c| c == Committed::Done).collect()));
             ("session_commit", r)
         }
+        Request::Abort(ids) => (
+            "session_abort",
+            ops.abort(session, &ids).map(|()| Response::Abort),
+        ),
     };
     let resp = r.unwrap_or_else(|e| {
         let s = status_of(&e);

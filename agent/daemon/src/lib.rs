@@ -11,8 +11,10 @@
 //! - [`config`]: settings and their sources;
 //! - [`socket`]: socket paths as managed resources (lock, stale files, permissions);
 //! - [`server`]: start-up, serving and graceful shutdown;
-//! - [`service`]: the gRPC service and the one engine-error-to-status mapping;
-//! - [`attach`]: sessions and descriptor passing;
+//! - [`ops`]: each operation once (checks, limits, blocking work, the one
+//!   engine-error-to-status mapping), shared by both transports;
+//! - [`service`]: the gRPC transport;
+//! - [`attach`]: sessions, descriptor passing and the fast-path transport;
 //! - [`admin`], [`metrics`], [`telemetry`]: observability;
 //! - [`cli`]: `put`, `get`, `stats`, `demo`.
 
@@ -21,6 +23,7 @@ pub mod attach;
 pub mod cli;
 pub mod config;
 pub mod metrics;
+pub mod ops;
 pub mod server;
 pub mod service;
 pub mod socket;

@@ -23,6 +23,7 @@ use crate::{
     attach,
     config::Settings,
     metrics::Metrics,
+    ops::{Ops, WireLimits},
     service::NodeCacheService,
     socket::{SocketError, SocketPaths, attach_name},
 };
@@ -78,7 +79,7 @@ impl Agent {
             .await
             .map_err(|e| EngineError::Config(format!("engine set-up panicked: {e}")))??;
         let bind = |what, p: &Path| {
-            UnixListener::bind(p).map_err(|source| AgentError::Bind {
+            crate::socket::bind(p).map_err(|source| AgentError::Bind {
                 what,
                 addr: p.display().to_string(),
                 source,
@@ -86,7 +87,6 @@ impl Agent {
         };
         let grpc = bind("gRPC socket", &paths.grpc)?;
         let attach = bind("attach socket", &paths.attach)?;
-        paths.set_permissions()?;
         let admin = match settings.admin_addr {
             Some(addr) => {
                 Some(
@@ -151,11 +151,16 @@ impl Agent {
             tracing::info!(addr = %l.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()), "admin endpoint listening");
             tokio::spawn(admin::serve(l, state.clone(), stopped(stop_rx.clone())))
         });
+        let ops = Ops::new(engine.clone(), WireLimits::default());
+        let (drained_tx, drained_rx) = watch::channel(false);
         let attach_task = tokio::spawn(attach::serve(
             attach,
-            engine.clone(),
+            ops.clone(),
             metrics.clone(),
-            stop_rx.clone(),
+            attach::Shutdown {
+                stop: stop_rx.clone(),
+                drained: drained_rx,
+            },
         ));
         let reaper = {
             let engine = engine.clone();
@@ -186,7 +191,8 @@ impl Agent {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let svc = NodeCacheService::new(engine.clone(), metrics.clone(), attach_name(&name));
+        let max_message = ops.wire().max_message_len;
+        let svc = NodeCacheService::new(ops, metrics.clone(), attach_name(&name));
         let incoming = UnixListenerStream::new(grpc).map(|s| {
             if let Ok(s) = &s
                 && let Ok(c) = s.peer_cred()
@@ -198,7 +204,7 @@ impl Agent {
         let server = tonic::transport::Server::builder()
             .trace_fn(|req| tracing::debug_span!("grpc", path = %req.uri().path()))
             .add_service(health_service)
-            .add_service(NodeCacheServer::new(svc))
+            .add_service(NodeCacheServer::new(svc).max_decoding_message_size(max_message))
             .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
         let mut server = std::pin::pin!(server);
         state.ready.store(true, Ordering::Release);
@@ -227,6 +233,9 @@ impl Agent {
             }
         };
         let _ = stop_tx.send(true);
+        // Only now may sessions end and their leases go: no call is left that could reuse
+        // an extent a client still reads.
+        let _ = drained_tx.send(true);
         let _ = attach_task.await;
         let _ = reaper.await;
         if let Some(t) = admin_task {

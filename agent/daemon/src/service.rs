@@ -1,51 +1,32 @@
-//! The gRPC service: translates `nencache.v1.NodeCache` calls into engine calls, records
-//! metrics, and maps engine errors to gRPC status codes in one place.
+//! The gRPC service: decodes `nencache.v1.NodeCache` calls into [`Ops`] (where each
+//! operation's checks and limits live, shared with the fast path), records metrics, and maps
+//! engine errors to gRPC status codes through [`crate::ops::status_of`].
 
-use std::{sync::Arc, time::Duration, time::Instant};
+use std::{sync::Arc, time::Instant};
 
-use nencache_api::{
-    PROTOCOL_VERSION,
-    v1::{self, node_cache_server::NodeCache},
-};
-use nencache_engine::{
-    Committed, Engine, EngineError, MAX_KEY_LEN, MAX_METADATA_LEN, PutItem, Reserved, Tier,
-};
+use nencache_api::v1::{self, node_cache_server::NodeCache};
+use nencache_engine::{Committed, PutItem, Reserved};
 use tonic::{Code, Request, Response, Status};
 
-use crate::metrics::Metrics;
-
-/// The one mapping from engine errors to gRPC statuses.
-#[must_use]
-pub fn status_of(e: &EngineError) -> Status {
-    let code = match e {
-        EngineError::InvalidKey { .. }
-        | EngineError::ValueTooLarge { .. }
-        | EngineError::MetadataTooLarge { .. }
-        | EngineError::BatchTooLarge { .. }
-        | EngineError::DuplicateId(_) => Code::InvalidArgument,
-        EngineError::NoSpace { .. } => Code::ResourceExhausted,
-        EngineError::UnknownReservation(_) | EngineError::UnknownLease(_) => Code::NotFound,
-        EngineError::UnknownSession(_) => Code::FailedPrecondition,
-        EngineError::CommitInProgress(_) => Code::Aborted,
-        _ => Code::Internal,
-    };
-    Status::new(code, e.to_string())
-}
+use crate::{
+    metrics::Metrics,
+    ops::{Ops, put_item, status_of, tier},
+};
 
 /// Implementation of the node-local service over one engine (the default tenant).
 #[derive(Debug, Clone)]
 pub struct NodeCacheService {
-    engine: Arc<Engine>,
+    ops: Ops,
     metrics: Arc<Metrics>,
     attach_socket: String,
 }
 
 impl NodeCacheService {
-    /// A service over `engine`, announcing `attach_socket` (a file name beside the gRPC socket).
+    /// A service over `ops`, announcing `attach_socket` (a file name beside the gRPC socket).
     #[must_use]
-    pub fn new(engine: Arc<Engine>, metrics: Arc<Metrics>, attach_socket: String) -> Self {
+    pub fn new(ops: Ops, metrics: Arc<Metrics>, attach_socket: String) -> Self {
         Self {
-            engine,
+            ops,
             metrics,
             attach_socket,
         }
@@ -67,32 +48,6 @@ impl NodeCacheService {
     }
 }
 
-/// An engine put item from its wire fields (both transports send the same ones); a TTL of 0
-/// takes the agent's default.
-pub(crate) fn put_item<'a>(
-    key: &'a [u8],
-    value_len: u64,
-    metadata: &'a [u8],
-    ttl_ms: u64,
-    overwrite: bool,
-) -> PutItem<'a> {
-    let ttl = (ttl_ms > 0).then(|| Duration::from_millis(ttl_ms));
-    PutItem {
-        key,
-        value_len,
-        metadata,
-        ttl,
-        overwrite,
-    }
-}
-
-/// The proto number of a tier.
-pub(crate) fn tier(t: Tier) -> i32 {
-    match t {
-        Tier::Host => v1::Tier::Host as i32,
-    }
-}
-
 fn keys(k: &[Vec<u8>]) -> Vec<&[u8]> {
     k.iter().map(Vec::as_slice).collect()
 }
@@ -104,46 +59,7 @@ impl NodeCache for NodeCacheService {
         req: Request<v1::HandshakeRequest>,
     ) -> Result<Response<v1::HandshakeResponse>, Status> {
         let start = Instant::now();
-        let r = (|| {
-            let req = req.into_inner();
-            if req.protocol_version < PROTOCOL_VERSION {
-                return Err(Status::failed_precondition(format!(
-                    "protocol version {} is not supported (agent speaks {PROTOCOL_VERSION})",
-                    req.protocol_version
-                )));
-            }
-            if !(req.tenant.is_empty() || req.tenant == "default") {
-                return Err(Status::not_found(format!(
-                    "unknown tenant {:?}",
-                    req.tenant
-                )));
-            }
-            tracing::debug!(client = req.client_name, "handshake");
-            let cfg = self.engine.config();
-            Ok(v1::HandshakeResponse {
-                protocol_version: PROTOCOL_VERSION,
-                agent_version: env!("CARGO_PKG_VERSION").into(),
-                tenant: "default".into(),
-                arena: Some(v1::RegionDescription {
-                    size: self.engine.arena().len() as u64,
-                    writable: false,
-                }),
-                staging: Some(v1::RegionDescription {
-                    size: self.engine.staging().len() as u64,
-                    writable: true,
-                }),
-                page_size: cfg.page_size,
-                attach_socket: self.attach_socket.clone(),
-                limits: Some(v1::Limits {
-                    max_key_len: MAX_KEY_LEN as u32,
-                    max_value_len: cfg.max_value,
-                    max_metadata_len: MAX_METADATA_LEN as u32,
-                    max_batch: cfg.max_batch as u32,
-                    max_leases_per_session: cfg.max_leases_per_session,
-                    reservation_timeout_ms: cfg.reservation_timeout.as_millis() as u64,
-                }),
-            })
-        })();
+        let r = self.ops.handshake(&req.into_inner(), &self.attach_socket);
         self.finish("handshake", start, r)
     }
 
@@ -154,12 +70,12 @@ impl NodeCache for NodeCacheService {
         let start = Instant::now();
         let req = req.into_inner();
         let r = self
-            .engine
+            .ops
             .lookup(&keys(&req.keys))
             .map_err(|e| status_of(&e))
-            .map(|l| v1::LookupResponse {
-                prefix_hits: l.prefix as u32,
-                tiers: l.tiers.into_iter().map(tier).collect(),
+            .map(|tiers| v1::LookupResponse {
+                prefix_hits: tiers.len() as u32,
+                tiers: tiers.into_iter().map(tier).collect(),
             });
         self.finish("lookup", start, r)
     }
@@ -176,7 +92,7 @@ impl NodeCache for NodeCacheService {
             .map(|i| put_item(&i.key, i.value_len, &i.metadata, i.ttl_ms, i.overwrite))
             .collect();
         let r = self
-            .engine
+            .ops
             .reserve(req.session, &items)
             .map_err(|e| status_of(&e))
             .map(|rs| v1::ReserveResponse {
@@ -209,8 +125,10 @@ impl NodeCache for NodeCacheService {
             .iter()
             .map(|i| (i.reservation_id, i.checksum))
             .collect();
-        // The commit copies values from staging into the arena: keep that off the reactor.
-        let r = tokio::task::block_in_place(|| self.engine.commit(req.session, &items))
+        let r = self
+            .ops
+            .commit(req.session, items)
+            .await
             .map_err(|e| status_of(&e))
             .map(|cs| v1::CommitResponse {
                 statuses: cs
@@ -231,7 +149,7 @@ impl NodeCache for NodeCacheService {
         let start = Instant::now();
         let req = req.into_inner();
         let r = self
-            .engine
+            .ops
             .abort(req.session, &req.reservation_ids)
             .map_err(|e| status_of(&e))
             .map(|()| v1::AbortResponse {});
@@ -242,8 +160,8 @@ impl NodeCache for NodeCacheService {
         let start = Instant::now();
         let req = req.into_inner();
         let r = self
-            .engine
-            .get(req.session, &keys(&req.keys))
+            .ops
+            .get(req.session, &keys(&req.keys), &[])
             .map_err(|e| status_of(&e))
             .map(|ls| v1::GetResponse {
                 items: ls
@@ -271,7 +189,7 @@ impl NodeCache for NodeCacheService {
         let start = Instant::now();
         let req = req.into_inner();
         let r = self
-            .engine
+            .ops
             .release(req.session, &req.lease_ids)
             .map_err(|e| status_of(&e))
             .map(|()| v1::ReleaseResponse {});
@@ -285,7 +203,7 @@ impl NodeCache for NodeCacheService {
         let start = Instant::now();
         let req = req.into_inner();
         let r = self
-            .engine
+            .ops
             .delete(&keys(&req.keys))
             .map_err(|e| status_of(&e))
             .map(|n| v1::DeleteResponse { deleted: n as u32 });
@@ -297,7 +215,7 @@ impl NodeCache for NodeCacheService {
         _req: Request<v1::StatsRequest>,
     ) -> Result<Response<v1::StatsResponse>, Status> {
         let start = Instant::now();
-        let s = self.engine.stats();
+        let s = self.ops.engine().stats();
         let r = Ok(v1::StatsResponse {
             tiers: vec![v1::TierStats {
                 tier: v1::Tier::Host as i32,

@@ -241,31 +241,50 @@ async fn grpc_and_fast_path_serve_the_same_cache() {
     assert_eq!((s.hits, s.misses, s.leases), (4, 2, 0));
 }
 
+/// Reads one fast-path response frame: its status byte and the rest of its body.
+fn read_response(s: &mut std::os::unix::net::UnixStream) -> (u8, Vec<u8>) {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).unwrap();
+    let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
+    s.read_exact(&mut body).unwrap();
+    (body[0], body[1..].to_vec())
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn malformed_fast_path_frames_end_only_that_session() {
+async fn malformed_fast_path_frames_are_refused_and_the_session_goes_on() {
+    use nencache_api::frame::{self, Request};
     let agent = TestAgent::start(&[]);
     let c = agent.client().await;
     c.put(b"k", b"v", b"").await.unwrap();
-    for frame in [
-        &b"\x03\x00\x00\x00\x09\x00\x00"[..],
-        &b"\xff\xff\xff\x7f"[..],
+    let (mut s, reply, _fds) = raw_attach(&agent);
+    assert_eq!(reply.status, attach::status::OK);
+    let mut oversized = ((frame::MAX_FRAME + 1) as u32).to_le_bytes().to_vec();
+    oversized.extend(std::iter::repeat_n(0u8, frame::MAX_FRAME + 1));
+    let mut lookup = Vec::new();
+    Request::Lookup(vec![b"k"]).encode(&mut lookup);
+    for (bad, want) in [
+        (&b"\x03\x00\x00\x00\x09\x00\x00"[..], frame::UNIMPLEMENTED),
+        (
+            &b"\x03\x00\x00\x00\x02\x01\x00"[..],
+            frame::INVALID_ARGUMENT,
+        ),
+        (&b"\x00\x00\x00\x00"[..], frame::INVALID_ARGUMENT),
+        (&oversized[..], frame::INVALID_ARGUMENT),
     ] {
-        let (mut s, reply, _fds) = raw_attach(&agent);
-        assert_eq!(reply.status, attach::status::OK);
-        s.write_all(frame).unwrap();
-        let mut resp = Vec::new();
-        s.read_to_end(&mut resp).unwrap();
-        let body = &resp[4..];
-        assert_eq!(body[0], nencache_api::frame::INVALID_ARGUMENT, "{resp:?}");
+        s.write_all(bad).unwrap();
+        let (status, body) = read_response(&mut s);
+        assert_eq!(status, want, "{:?}", String::from_utf8_lossy(&body));
+        // The same connection is still in step and its session still serves.
+        s.write_all(&lookup).unwrap();
+        let (status, body) = read_response(&mut s);
+        assert_eq!((status, &body[..4]), (frame::OK, &1u32.to_le_bytes()[..]));
     }
-    eventually("sessions closed", async || {
+    assert_eq!(c.stats().await.unwrap().sessions, 2);
+    drop(s);
+    eventually("raw session closed", async || {
         c.stats().await.unwrap().sessions == 1
     })
     .await;
-    assert_eq!(
-        &c.get(&[b"k"]).await.unwrap()[0].as_ref().unwrap()[..],
-        b"v"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -361,7 +380,10 @@ async fn bad_inputs_get_clear_errors_and_lose_nothing() {
         "writes stay inside the slot"
     );
     let id = slot.id();
-    assert_eq!(c.commit(&[slot]).await.unwrap(), vec![PutOutcome::Stored]);
+    assert_eq!(
+        c.commit(vec![slot]).await.unwrap(),
+        vec![PutOutcome::Stored]
+    );
     assert_eq!(
         grpc.clone().commit(commit(id)).await.unwrap_err().code(),
         Code::NotFound
@@ -584,7 +606,7 @@ async fn stalled_reservations_time_out() {
     })
     .await;
     let slot = slots.into_iter().next().unwrap().unwrap();
-    assert_eq!(code(c.commit(&[slot]).await), Code::NotFound);
+    assert_eq!(code(c.commit(vec![slot]).await), Code::NotFound);
 }
 
 #[tokio::test(flavor = "multi_thread")]
