@@ -37,7 +37,40 @@ use crate::{error::ClientError, value::Settle};
 const MAX_RESPONSE: usize = 1 << 30;
 
 /// A response, or why there is none.
-pub(crate) type Reply = Result<Response, ClientError>;
+pub(crate) type Reply = Result<Answer, ClientError>;
+
+/// A response on its way to its caller. If it is dropped before the caller took it (the
+/// caller gave up, even after the response was handed over), what it granted is settled
+/// through [`Orphans`]: no lease or reservation is ever lost to a cancelled call.
+pub(crate) struct Answer {
+    op: u8,
+    resp: Option<Response>,
+    orphans: Arc<dyn Orphans>,
+}
+
+impl Answer {
+    pub(crate) fn new(op: u8, resp: Response, orphans: Arc<dyn Orphans>) -> Self {
+        Self {
+            op,
+            resp: Some(resp),
+            orphans,
+        }
+    }
+
+    /// The response, now the caller's to settle.
+    pub(crate) fn take(mut self) -> Response {
+        // Always present until taken, and taking consumes the answer.
+        self.resp.take().unwrap_or(Response::Abort)
+    }
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        if let Some(resp) = self.resp.take() {
+            self.orphans.orphaned(self.op, &resp);
+        }
+    }
+}
 
 /// What the reader settles when a response finds no one waiting.
 pub(crate) trait Orphans: Send + Sync + 'static {
@@ -203,9 +236,8 @@ async fn read_loop(
                     .map_err(|e| ClientError::Protocol(format!("fast-path response: {e}")));
                 match reply {
                     Ok(resp) => {
-                        if let Err(Ok(resp)) = p.reply.send(Ok(resp)) {
-                            orphans.orphaned(p.op, &resp);
-                        }
+                        // Settled by `Answer`'s drop if the caller is gone.
+                        let _ = p.reply.send(Ok(Answer::new(p.op, resp, orphans.clone())));
                         continue;
                     }
                     Err(e) => {

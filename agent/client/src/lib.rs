@@ -224,29 +224,10 @@ impl Client {
     /// The agent's refusal (an invalid key) or a transport error.
     pub async fn lookup(&self, keys: &[&[u8]]) -> Result<(usize, Vec<v1::Tier>)> {
         let s = self.live().await?;
-        let mut tiers = Vec::new();
-        for r in s.sizer.split(keys.iter().map(|k| s.sizer.key(k))) {
-            let want = r.len();
-            let Response::Lookup(t) = s.call(&Request::Lookup(keys[r].to_vec()), None).await?
-            else {
-                return Err(mismatched(op::LOOKUP));
-            };
-            if t.len() > want {
-                return Err(ClientError::Protocol(format!(
-                    "lookup answered {} tiers for {want} keys",
-                    t.len()
-                )));
-            }
-            let full = t.len() == want;
-            tiers.extend(
-                t.into_iter()
-                    .map(|t| v1::Tier::try_from(i32::from(t)).unwrap_or_default()),
-            );
-            if !full {
-                break;
-            }
+        match lookup_on(&s, keys).await {
+            Err(e) if lost(&s, &e) => lookup_on(&self.live().await?, keys).await,
+            r => r,
         }
-        Ok((tiers.len(), tiers))
     }
 
     /// Puts one value.
@@ -280,33 +261,10 @@ impl Client {
     /// every item (`None` for those not stored).
     pub async fn put_many(&self, puts: &[Put<'_>]) -> Result<Vec<PutOutcome>> {
         let s = self.live().await?;
-        let items: Vec<ReserveItem<'_>> = puts
-            .iter()
-            .map(|p| ReserveItem {
-                key: p.key,
-                value_len: p.value.len() as u64,
-                metadata: p.metadata,
-                ttl_ms: ttl_ms(p.ttl),
-                overwrite: false,
-            })
-            .collect();
-        let mut outcomes: Vec<Option<PutOutcome>> = vec![None; puts.len()];
-        for round in rounds(&s, &items) {
-            let r = put_round(
-                &s,
-                &items[round.clone()],
-                &puts[round.clone()],
-                &mut outcomes[round],
-            )
-            .await;
-            if let Err(e) = r {
-                return Err(partial(outcomes, e));
-            }
+        match put_many_on(&s, puts).await {
+            Err(e) if lost(&s, &e) => put_many_on(&self.live().await?, puts).await,
+            r => r,
         }
-        outcomes
-            .into_iter()
-            .map(|o| o.ok_or_else(|| ClientError::Protocol("a put has no outcome".into())))
-            .collect()
     }
 
     /// Reserves staging slots; `None` for keys already cached. All or nothing: when a batch
@@ -413,27 +371,10 @@ impl Client {
     /// lease of this call is kept.
     pub async fn get(&self, keys: &[&[u8]]) -> Result<Vec<Option<Value>>> {
         let s = self.live().await?;
-        let sizes: Vec<usize> = keys.iter().map(|k| s.sizer.key(k)).collect();
-        let mut pending = Vec::new();
-        for r in s.sizer.split(sizes.iter().copied()) {
-            let used: usize = sizes[r.clone()].iter().sum();
-            // Leases of dropped values ride along instead of a call of their own.
-            let room = s.sizer.budget.saturating_sub(used) / s.sizer.id();
-            let (ids, settle) = s.queues.take_releases(room.min(s.sizer.max_batch));
-            let n = r.len();
-            pending.push((n, s.call(&Request::Get(keys[r].to_vec(), ids), settle)));
+        match get_on(&s, keys).await {
+            Err(e) if lost(&s, &e) => get_on(&self.live().await?, keys).await,
+            r => r,
         }
-        let mut out = Vec::with_capacity(keys.len());
-        for (n, p) in pending {
-            let Response::Get(found) = p.await? else {
-                return Err(mismatched(op::GET));
-            };
-            count(op::GET, found.len(), n)?;
-            for f in found {
-                out.push(f.map(|f| value(&s, f)).transpose()?);
-            }
-        }
-        Ok(out)
     }
 
     /// Releases the leases of every value dropped so far, and returns once the agent has
@@ -488,6 +429,16 @@ impl Client {
             .await?
             .into_inner())
     }
+}
+
+/// Whether `e` means the session died under a call that changed nothing, so that the call
+/// may run again on a new session (the agent stopped or restarted).
+fn lost(s: &Session, e: &ClientError) -> bool {
+    let lost = matches!(e, ClientError::Disconnected(_)) && s.is_dead();
+    if lost {
+        tracing::debug!(error = %e, "session lost during a call; retrying on a new one");
+    }
+    lost
 }
 
 /// A TTL on the wire: milliseconds, at least 1, or 0 for the agent's default.
@@ -675,21 +626,101 @@ fn group_by_session(slots: Vec<Slot>) -> Vec<Vec<Slot>> {
     out
 }
 
-/// A [`Value`] for a found item, checked against the arena.
-fn value(s: &Arc<Session>, f: Found) -> Result<Value> {
-    let v = Value {
+/// A [`Value`] for a found item; its lease is returned when it is dropped.
+fn value(s: &Arc<Session>, f: Found) -> Value {
+    Value {
         session: s.clone(),
         offset: f.offset as usize,
         len: f.len as usize,
         lease: f.lease,
         metadata: f.metadata,
-    };
-    if f.offset
-        .checked_add(f.len)
-        .is_none_or(|end| end > s.arena().len() as u64)
-    {
-        // Dropping `v` returns the lease.
-        return Err(ClientError::Protocol("value extent out of bounds".into()));
     }
-    Ok(v)
+}
+
+async fn lookup_on(s: &Arc<Session>, keys: &[&[u8]]) -> Result<(usize, Vec<v1::Tier>)> {
+    let mut tiers = Vec::new();
+    for r in s.sizer.split(keys.iter().map(|k| s.sizer.key(k))) {
+        let want = r.len();
+        let Response::Lookup(t) = s.call(&Request::Lookup(keys[r].to_vec()), None).await? else {
+            return Err(mismatched(op::LOOKUP));
+        };
+        if t.len() > want {
+            return Err(ClientError::Protocol(format!(
+                "lookup answered {} tiers for {want} keys",
+                t.len()
+            )));
+        }
+        let full = t.len() == want;
+        tiers.extend(
+            t.into_iter()
+                .map(|t| v1::Tier::try_from(i32::from(t)).unwrap_or_default()),
+        );
+        if !full {
+            break;
+        }
+    }
+    Ok((tiers.len(), tiers))
+}
+
+async fn put_many_on(s: &Arc<Session>, puts: &[Put<'_>]) -> Result<Vec<PutOutcome>> {
+    let items: Vec<ReserveItem<'_>> = puts
+        .iter()
+        .map(|p| ReserveItem {
+            key: p.key,
+            value_len: p.value.len() as u64,
+            metadata: p.metadata,
+            ttl_ms: ttl_ms(p.ttl),
+            overwrite: false,
+        })
+        .collect();
+    let mut outcomes: Vec<Option<PutOutcome>> = vec![None; puts.len()];
+    for round in rounds(s, &items) {
+        let r = put_round(
+            s,
+            &items[round.clone()],
+            &puts[round.clone()],
+            &mut outcomes[round],
+        )
+        .await;
+        if let Err(e) = r {
+            return Err(partial(outcomes, e));
+        }
+    }
+    outcomes
+        .into_iter()
+        .map(|o| o.ok_or_else(|| ClientError::Protocol("a put has no outcome".into())))
+        .collect()
+}
+
+async fn get_on(s: &Arc<Session>, keys: &[&[u8]]) -> Result<Vec<Option<Value>>> {
+    let sizes: Vec<usize> = keys.iter().map(|k| s.sizer.key(k)).collect();
+    let mut pending = Vec::new();
+    for r in s.sizer.split(sizes.iter().copied()) {
+        let used: usize = sizes[r.clone()].iter().sum();
+        // Leases of dropped values ride along instead of a call of their own.
+        let room = s.sizer.budget.saturating_sub(used) / s.sizer.id();
+        let (ids, settle) = s.queues.take_releases(room.min(s.sizer.max_batch));
+        let n = r.len();
+        pending.push((n, s.call(&Request::Get(keys[r].to_vec(), ids), settle)));
+    }
+    let mut out = Vec::with_capacity(keys.len());
+    for (n, p) in pending {
+        let Response::Get(found) = p.await? else {
+            return Err(mismatched(op::GET));
+        };
+        // Values first, so that an error below drops them all and so returns every lease.
+        let values: Vec<Option<Value>> =
+            found.into_iter().map(|f| f.map(|f| value(s, f))).collect();
+        count(op::GET, values.len(), n)?;
+        let arena = s.arena().len();
+        if values
+            .iter()
+            .flatten()
+            .any(|v| v.offset.checked_add(v.len).is_none_or(|end| end > arena))
+        {
+            return Err(ClientError::Protocol("value extent out of bounds".into()));
+        }
+        out.extend(values);
+    }
+    Ok(out)
 }

@@ -29,7 +29,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::{
     AgentInfo, ClientOptions,
     batch::Sizer,
-    conn::{Conn, Liveness, Orphans},
+    conn::{Answer, Conn, Liveness, Orphans},
     error::ClientError,
     value::{Queues, Settle},
 };
@@ -199,19 +199,21 @@ impl Session {
             tokio::spawn(async move {
                 let r = call.await;
                 drop(settle);
-                if let Err(Ok(resp)) = tx.send(r) {
-                    queues.orphaned(op, &resp);
-                }
+                // Settled by `Answer`'s drop if the caller is gone.
+                let _ = tx.send(r.map(|resp| Answer::new(op, resp, queues)));
             });
             rx
         };
         let live = self.live.clone();
         async move {
             match rx.await {
-                Ok(Ok(Response::Error { code, message })) => Err(ClientError::Status(
-                    tonic::Status::new(tonic::Code::from(i32::from(code)), message),
-                )),
-                Ok(r) => r,
+                Ok(Ok(answer)) => match answer.take() {
+                    Response::Error { code, message } => Err(ClientError::Status(
+                        tonic::Status::new(tonic::Code::from(i32::from(code)), message),
+                    )),
+                    resp => Ok(resp),
+                },
+                Ok(Err(e)) => Err(e),
                 Err(_) => Err(live.error()),
             }
         }

@@ -8,161 +8,23 @@
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::TcpStream,
-    os::{fd::AsFd, unix::fs::PermissionsExt},
-    path::{Path, PathBuf},
+    os::unix::fs::PermissionsExt,
+    path::Path,
     process::{Child, Command, Stdio},
     sync::Arc,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use nencache_api::{
-    PROTOCOL_VERSION,
-    attach::{self, Hello, Reply},
+    attach::{self, Reply},
     v1,
 };
-use nencache_client::{Client, ClientError, Put, PutOutcome, Reserve};
+use nencache_client::{Client, Put, PutOutcome, Reserve};
 use tonic::Code;
 
-const AGENT: &str = env!("CARGO_BIN_EXE_nencache-agent");
-const CLI: &str = env!("CARGO_BIN_EXE_nencache");
+mod common;
 
-struct TestAgent {
-    child: Child,
-    dir: tempfile::TempDir,
-    socket: PathBuf,
-}
-
-impl TestAgent {
-    fn start(extra: &[&str]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("run/agent.sock");
-        Self::start_at(dir, socket, extra)
-    }
-
-    fn start_at(dir: tempfile::TempDir, socket: PathBuf, extra: &[&str]) -> Self {
-        let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
-        let mut args = vec![
-            "serve",
-            "--socket",
-            socket.to_str().unwrap(),
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-        ];
-        if !extra.contains(&"--host-capacity") {
-            args.extend_from_slice(&["--host-capacity", "64MiB"]);
-        }
-        args.extend_from_slice(extra);
-        let child = Command::new(AGENT).args(&args).stderr(log).spawn().unwrap();
-        let mut a = Self { child, dir, socket };
-        a.wait_ready();
-        a
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
-    }
-
-    fn wait_ready(&mut self) {
-        let t = Instant::now();
-        while !self.log().contains("nencache agent serving") {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("agent exited with {status}: {}", self.log());
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "agent not ready: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn admin_addr(&self) -> String {
-        let log = self.log();
-        let line = log
-            .lines()
-            .find(|l| l.contains("admin endpoint listening"))
-            .unwrap();
-        let start = line.find("\"addr\":\"").unwrap() + 8;
-        line[start..].split('"').next().unwrap().to_string()
-    }
-
-    fn attach_path(&self) -> PathBuf {
-        self.socket.with_extension("sock.attach")
-    }
-
-    async fn client(&self) -> Client {
-        Client::connect(&self.socket).await.unwrap()
-    }
-
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        rustix::process::kill_process(
-            rustix::process::Pid::from_child(&self.child),
-            rustix::process::Signal::TERM,
-        )
-        .unwrap();
-        self.child.wait().unwrap()
-    }
-}
-
-impl Drop for TestAgent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Attaches by hand, as a client library would: hello, then the reply with descriptors.
-fn raw_attach(
-    agent: &TestAgent,
-) -> (
-    std::os::unix::net::UnixStream,
-    Reply,
-    Vec<std::os::fd::OwnedFd>,
-) {
-    let mut s = std::os::unix::net::UnixStream::connect(agent.attach_path()).unwrap();
-    s.write_all(
-        &Hello {
-            version: PROTOCOL_VERSION,
-            tenant: String::new(),
-        }
-        .encode(),
-    )
-    .unwrap();
-    let mut buf = vec![0u8; 512];
-    let mut fds = Vec::new();
-    let n = attach::recv_with_fds(s.as_fd(), &mut buf, &mut fds).unwrap();
-    (s, Reply::decode(&buf[..n]).unwrap(), fds)
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
-    let t = Instant::now();
-    while !f().await {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
-fn code(r: Result<impl std::fmt::Debug, ClientError>) -> Code {
-    r.unwrap_err().code().expect("a status from the agent")
-}
+use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn put_get_from_many_tasks() {
@@ -410,27 +272,6 @@ async fn bad_inputs_get_clear_errors_and_lose_nothing() {
     let v = c.get(&[b"precious", b"two-phase"]).await.unwrap();
     assert_eq!(&v[0].as_ref().unwrap()[..], &pattern(1, 5000)[..]);
     assert_eq!(&v[1].as_ref().unwrap()[..], b"0123456789");
-}
-
-async fn raw_grpc(
-    socket: &Path,
-) -> v1::node_cache_client::NodeCacheClient<tonic::transport::Channel> {
-    v1::node_cache_client::NodeCacheClient::new(raw_channel(socket).await)
-}
-
-async fn raw_channel(socket: &Path) -> tonic::transport::Channel {
-    let path = socket.to_path_buf();
-    tonic::transport::Endpoint::from_static("http://[::1]:1")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(p).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
