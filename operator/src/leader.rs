@@ -4,12 +4,23 @@
 //! The protocol is the one client-go uses: a replica takes the Lease when it is free or its
 //! holder has not renewed it within `leaseDurationSeconds`, writing at the `resourceVersion`
 //! it read so that of two replicas racing only one wins (the other gets 409). The leader
-//! renews every `renew_every`; if it cannot renew for `renew_deadline` it stops leading
+//! renews every `renew_every`, in a task of its own so that a slow API server never holds up
+//! the work it guards; if it cannot renew for `renew_deadline` it stops leading
 //! ([`LeaderError::Lost`]) before another replica can take over, and the caller exits so that
 //! no two replicas reconcile at once. A leader that stops normally releases the Lease, so a
 //! standby takes over at once instead of after the lease duration.
+//!
+//! Expiry never compares the holder's `renewTime` with this replica's clock (the two clocks
+//! may disagree by any amount). As in client-go, a replica records the time on its own
+//! monotonic clock at which it last saw the Lease record change (holder, times, duration,
+//! transitions or `resourceVersion`), and considers the lease expired only once
+//! `leaseDurationSeconds` have passed on that clock without a change.
 
-use std::{future::Future, time::Duration};
+use std::{
+    future::Future,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use k8s_openapi::{
     api::coordination::v1::{Lease, LeaseSpec},
@@ -17,6 +28,7 @@ use k8s_openapi::{
     jiff::Timestamp,
 };
 use kube::{Api, api::PostParams};
+use tokio::time::Instant;
 
 /// How leadership is claimed and kept.
 #[derive(Debug, Clone)]
@@ -58,11 +70,44 @@ pub enum LeaderError {
     Lost(String),
 }
 
+/// The parts of a Lease whose change shows that its holder is alive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Record {
+    holder: Option<String>,
+    renew_time: Option<MicroTime>,
+    acquire_time: Option<MicroTime>,
+    duration: Option<i32>,
+    transitions: Option<i32>,
+    resource_version: Option<String>,
+}
+
+impl Record {
+    fn of(lease: &Lease) -> Self {
+        let spec = lease.spec.clone().unwrap_or_default();
+        Self {
+            holder: spec.holder_identity,
+            renew_time: spec.renew_time,
+            acquire_time: spec.acquire_time,
+            duration: spec.lease_duration_seconds,
+            transitions: spec.lease_transitions,
+            resource_version: lease.metadata.resource_version.clone(),
+        }
+    }
+}
+
+/// The record last seen, and when (on this replica's monotonic clock) it was first seen.
+#[derive(Debug)]
+struct Observation {
+    record: Record,
+    at: Instant,
+}
+
 /// Claims, renews and releases one Lease.
 #[derive(Clone)]
 pub struct Elector {
     api: Api<Lease>,
     settings: LeaseSettings,
+    observed: Arc<Mutex<Option<Observation>>>,
 }
 
 fn secs(d: Duration) -> i32 {
@@ -73,7 +118,25 @@ impl Elector {
     /// An elector over the Leases in `api` (the operator's namespace).
     #[must_use]
     pub fn new(api: Api<Lease>, settings: LeaseSettings) -> Self {
-        Self { api, settings }
+        Self {
+            api,
+            settings,
+            observed: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// Records `lease` as seen at `now` unless it is the record seen last; returns when the
+    /// record now current was first seen.
+    fn observe(&self, lease: &Lease, now: Instant) -> Instant {
+        let record = Record::of(lease);
+        let mut observed = self.observed.lock().unwrap_or_else(|p| p.into_inner());
+        match &*observed {
+            Some(o) if o.record == record => o.at,
+            _ => {
+                *observed = Some(Observation { record, at: now });
+                now
+            }
+        }
     }
 
     /// One attempt to acquire or renew. `Ok(true)` when this replica holds the lease after it.
@@ -82,8 +145,10 @@ impl Elector {
     /// An API error other than a lost write race.
     pub async fn try_acquire_or_renew(&self) -> Result<bool, kube::Error> {
         let s = &self.settings;
+        // Written for people reading the Lease; expiry is judged on the monotonic clock.
         let now = Timestamp::now();
         let current = self.api.get_opt(&s.name).await?;
+        let seen = Instant::now();
         let fresh_spec = |acquired: Timestamp, transitions: i32| LeaseSpec {
             holder_identity: Some(s.identity.clone()),
             lease_duration_seconds: Some(secs(s.duration)),
@@ -104,14 +169,16 @@ impl Elector {
                 self.api.create(&PostParams::default(), &lease).await
             }
             Some(mut lease) => {
+                let changed_at = self.observe(&lease, seen);
                 let spec = lease.spec.take().unwrap_or_default();
                 let holder = spec.holder_identity.as_deref().unwrap_or_default();
                 let ours = holder == s.identity;
-                let expired = holder.is_empty()
-                    || spec.renew_time.as_ref().is_none_or(|r| {
-                        let lasts_ms = i64::from(spec.lease_duration_seconds.unwrap_or(0)) * 1000;
-                        r.0.as_millisecond().saturating_add(lasts_ms) < now.as_millisecond()
-                    });
+                let lasts = spec
+                    .lease_duration_seconds
+                    .and_then(|d| u64::try_from(d).ok())
+                    .filter(|d| *d > 0)
+                    .map_or(s.duration, Duration::from_secs);
+                let expired = holder.is_empty() || seen.duration_since(changed_at) >= lasts;
                 if !ours && !expired {
                     return Ok(false);
                 }
@@ -127,7 +194,10 @@ impl Elector {
             }
         };
         match written {
-            Ok(_) => Ok(true),
+            Ok(lease) => {
+                self.observe(&lease, Instant::now());
+                Ok(true)
+            }
             Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
             Err(e) => Err(e),
         }
@@ -184,38 +254,52 @@ impl Elector {
         }
     }
 
-    /// Runs `work` while this replica leads, renewing the lease; `work` is expected to be
-    /// started only after [`Elector::acquire`]. Returns when `work` ends (the lease is then
-    /// released) or when leadership is lost (`work` is dropped first).
+    /// Runs `work` while this replica leads, renewing the lease in a task of its own (so a
+    /// slow renewal never stops `work` from progressing); `work` is expected to be started
+    /// only after [`Elector::acquire`]. Returns when `work` ends (the lease is then released)
+    /// or when leadership is lost (`work` is dropped first).
     ///
     /// # Errors
     /// [`LeaderError::Lost`] when the lease could not be renewed in time or was taken.
     pub async fn lead(&self, work: impl Future<Output = ()>) -> Result<(), LeaderError> {
-        let s = &self.settings;
         let mut work = std::pin::pin!(work);
-        let mut last_renewed = tokio::time::Instant::now();
-        let mut tick = tokio::time::interval(s.renew_every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = &mut work => break,
-                _ = tick.tick() => {
-                    let renew = tokio::time::timeout(s.renew_deadline, self.try_acquire_or_renew());
-                    match renew.await {
-                        Ok(Ok(true)) => last_renewed = tokio::time::Instant::now(),
-                        Ok(Ok(false)) => return Err(LeaderError::Lost(s.name.clone())),
-                        Ok(Err(e)) => tracing::warn!(error = %e, "leader election: renewing failed"),
-                        Err(_) => tracing::warn!("leader election: renewing timed out"),
-                    }
-                    if last_renewed.elapsed() >= s.renew_deadline {
-                        return Err(LeaderError::Lost(s.name.clone()));
-                    }
-                }
+        let renewing = self.clone();
+        let mut renewer = tokio::spawn(async move { renewing.keep_renewing().await });
+        tokio::select! {
+            () = &mut work => {}
+            lost = &mut renewer => {
+                return Err(lost.unwrap_or_else(|_| LeaderError::Lost(self.settings.name.clone())));
             }
         }
+        // Stop renewing before releasing, so that no renewal lands after the release.
+        renewer.abort();
+        let _ = renewer.await;
         if let Err(e) = self.release().await {
             tracing::warn!(error = %e, "leader election: releasing the lease failed");
         }
         Ok(())
+    }
+
+    /// Renews every `renew_every` until a renewal is refused or none succeeded for
+    /// `renew_deadline`; returns why leading stopped.
+    async fn keep_renewing(&self) -> LeaderError {
+        let s = &self.settings;
+        let mut last_renewed = Instant::now();
+        let mut tick = tokio::time::interval(s.renew_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            // A renewal that would end after the deadline cannot keep the lease: give up then.
+            let left = s.renew_deadline.saturating_sub(last_renewed.elapsed());
+            match tokio::time::timeout(left, self.try_acquire_or_renew()).await {
+                Ok(Ok(true)) => last_renewed = Instant::now(),
+                Ok(Ok(false)) => return LeaderError::Lost(s.name.clone()),
+                Ok(Err(e)) => tracing::warn!(error = %e, "leader election: renewing failed"),
+                Err(_) => tracing::warn!("leader election: renewing timed out"),
+            }
+            if last_renewed.elapsed() >= s.renew_deadline {
+                return LeaderError::Lost(s.name.clone());
+            }
+        }
     }
 }

@@ -10,7 +10,9 @@ use std::{
     time::Duration,
 };
 
-use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::{
+    api::coordination::v1::Lease, apimachinery::pkg::apis::meta::v1::MicroTime, jiff::Timestamp,
+};
 use kube::Api;
 use nencache_operator::leader::{Elector, LeaderError, LeaseSettings};
 
@@ -54,6 +56,8 @@ async fn one_replica_leads_and_the_other_waits_until_the_lease_expires() {
     );
     assert!(a.try_acquire_or_renew().await.unwrap(), "a renews");
     assert_eq!(holder(&store).as_deref(), Some("a"));
+    // b sees the renewed record now, and counts the lease from then, on its own clock.
+    assert!(!b.try_acquire_or_renew().await.unwrap());
     // a stops renewing (crashed): b takes over once the 5 s lease has run out, not before.
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert!(!b.try_acquire_or_renew().await.unwrap());
@@ -133,4 +137,129 @@ async fn a_standby_stops_waiting_when_asked() {
         .await
         .unwrap();
     assert!(!acquired);
+}
+
+/// Writes the Lease as held by `holder` since `renewed` (by the holder's clock) for `secs`
+/// seconds, as a holder whose clock disagrees with ours would.
+fn put_lease(store: &Mutex<FakeApi>, holder: &str, renewed: Timestamp, secs: i32) {
+    let at = serde_json::to_value(MicroTime(renewed)).unwrap();
+    store.lock().unwrap().put(
+        LEASE,
+        serde_json::json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "leader", "namespace": "ops"},
+            "spec": {"holderIdentity": holder, "leaseDurationSeconds": secs,
+                "acquireTime": at, "renewTime": at, "leaseTransitions": 0},
+        }),
+    );
+}
+
+fn hours_from_now(h: i64) -> Timestamp {
+    Timestamp::from_second(Timestamp::now().as_second() + h * 3600).unwrap()
+}
+
+#[tokio::test]
+async fn a_holder_whose_clock_is_behind_keeps_the_lease_while_it_renews() {
+    let store = FakeApi::shared();
+    let b = elector(&store, "b");
+    // a's clock is an hour behind: by b's clock every renewTime a writes is long past.
+    let renewing = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut k = 0;
+            loop {
+                k += 1;
+                let stamp = Timestamp::from_second(hours_from_now(-1).as_second() + k).unwrap();
+                put_lease(&store, "a", stamp, 2);
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        })
+    };
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(4) {
+        assert!(
+            !b.try_acquire_or_renew().await.unwrap(),
+            "b took a lease a kept renewing"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // a stops: b takes over once the 2 s lease has passed on its own clock.
+    renewing.abort();
+    let _ = renewing.await;
+    let stopped = std::time::Instant::now();
+    while !b.try_acquire_or_renew().await.unwrap() {
+        assert!(
+            stopped.elapsed() < Duration::from_secs(5),
+            "b never took over"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        stopped.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        stopped.elapsed()
+    );
+    assert_eq!(holder(&store).as_deref(), Some("b"));
+}
+
+#[tokio::test]
+async fn a_lease_stamped_by_a_clock_that_is_ahead_is_taken_once_its_holder_stops() {
+    let store = FakeApi::shared();
+    let b = elector(&store, "b");
+    // a's clock is an hour ahead and a has died: its last renewTime lies in b's future.
+    put_lease(&store, "a", hours_from_now(1), 2);
+    assert!(
+        !b.try_acquire_or_renew().await.unwrap(),
+        "not at first sight"
+    );
+    let seen = std::time::Instant::now();
+    while !b.try_acquire_or_renew().await.unwrap() {
+        assert!(
+            seen.elapsed() < Duration::from_secs(5),
+            "b waits for a's clock instead of its own"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        seen.elapsed() >= Duration::from_secs(2),
+        "{:?}",
+        seen.elapsed()
+    );
+    assert_eq!(holder(&store).as_deref(), Some("b"));
+}
+
+#[tokio::test]
+async fn renewing_never_holds_up_the_work_it_guards() {
+    let store = FakeApi::shared();
+    let mut s = LeaseSettings::new("leader", "a");
+    s.duration = Duration::from_secs(10);
+    s.renew_deadline = Duration::from_secs(5);
+    s.renew_every = Duration::from_millis(200);
+    let a = Elector::new(Api::namespaced(client(&store, "ops"), "ops"), s);
+    assert!(a.acquire(std::future::pending()).await.unwrap());
+    // A slow API server: each renewal (a read and a write) takes about 800 ms.
+    store.lock().unwrap().delay = Duration::from_millis(400);
+    let longest_stall = Arc::new(Mutex::new(Duration::ZERO));
+    let work = {
+        let longest_stall = longest_stall.clone();
+        async move {
+            let start = tokio::time::Instant::now();
+            let mut last = start;
+            while start.elapsed() < Duration::from_millis(2500) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let now = tokio::time::Instant::now();
+                let mut l = longest_stall.lock().unwrap();
+                *l = (*l).max(now - last);
+                last = now;
+            }
+        }
+    };
+    a.lead(work).await.unwrap();
+    let stall = *longest_stall.lock().unwrap();
+    assert!(
+        stall < Duration::from_millis(300),
+        "the work stood still for {stall:?} while the lease was renewed"
+    );
+    // It led throughout and released the lease at the end.
+    assert_eq!(holder(&store), None);
 }

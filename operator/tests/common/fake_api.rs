@@ -3,12 +3,14 @@
 //! collections, server-side apply as an upsert, strategic and merge patches as a deep merge
 //! (lists of named objects merged by name), the status subresource, and watches that stay
 //! open without events. It answers kube's mocked service ([`client`]) or real HTTP
-//! ([`serve`]), so the operator binary itself can run against it.
+//! ([`serve`]), so the operator binary itself can run against it. It can be made slow
+//! ([`FakeApi::delay`]) or fail for some paths ([`FakeApi::failing_paths`]).
 
 use std::{
     collections::BTreeMap,
     convert::Infallible,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use axum::body::Bytes;
@@ -24,6 +26,10 @@ pub struct FakeApi {
     version: u64,
     /// Answer every request with 500 while set.
     pub failing: bool,
+    /// Answer requests for paths starting with one of these with 500.
+    pub failing_paths: Vec<String>,
+    /// Answer each request (to [`client`]) only after this long, as a slow server would.
+    pub delay: Duration,
     /// `(path, content-type, body)` of every PATCH.
     pub patches: Vec<(String, String, Value)>,
 }
@@ -128,7 +134,7 @@ fn answer(
     body: &[u8],
 ) -> Option<(StatusCode, Value)> {
     let mut s = api.lock().unwrap();
-    if s.failing {
+    if s.failing || s.failing_paths.iter().any(|p| path.starts_with(p.as_str())) {
         return Some(status(StatusCode::INTERNAL_SERVER_ERROR, "InternalError"));
     }
     let parse = || serde_json::from_slice::<Value>(body).unwrap();
@@ -235,15 +241,30 @@ pub fn client(api: &Arc<Mutex<FakeApi>>, ns: &str) -> Client {
         while let Some((req, send)) = handle.next_request().await {
             let (parts, body) = req.into_parts();
             let body = body.collect_bytes().await.unwrap();
-            let Some((code, v)) = answer_request(&api, &parts, &body) else {
-                continue; // A watch: never answered.
+            let respond = {
+                let api = api.clone();
+                async move {
+                    let Some((code, v)) = answer_request(&api, &parts, &body) else {
+                        return; // A watch: never answered.
+                    };
+                    send.send_response(
+                        Response::builder()
+                            .status(code)
+                            .body(Body::from(serde_json::to_vec(&v).unwrap()))
+                            .unwrap(),
+                    );
+                }
             };
-            send.send_response(
-                Response::builder()
-                    .status(code)
-                    .body(Body::from(serde_json::to_vec(&v).unwrap()))
-                    .unwrap(),
-            );
+            let delay = api.lock().unwrap().delay;
+            if delay.is_zero() {
+                respond.await;
+            } else {
+                // Slow, but not one at a time: requests overlap as on a real server.
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    respond.await;
+                });
+            }
         }
     });
     Client::new(svc, ns)
