@@ -7,7 +7,11 @@
 //! - raw socket: a 64-byte ping-pong over a Unix socket pair between two threads.
 //!
 //! Gets count bytes copied out of the shared arena into a client-owned buffer, as a
-//! host-to-device copy would consume them. Latency-sensitive cases run twice: unpinned, and
+//! host-to-device copy would consume them. Every case works on a working set several times
+//! the last-level cache (`--working-set-mib`, by default four times the largest cache, at
+//! least 256 MiB): memcpy and gets read values rotating through it, puts and Redis SETs take
+//! their source values from a rotating pool of that size, so no case runs from cache while
+//! another runs from memory. The machine's cache sizes are printed with the figures. Latency-sensitive cases run twice: unpinned, and
 //! with the agent, Redis and the client pinned to CPU 0 (cross-CPU wakeups cost tens of
 //! microseconds on small VMs).
 
@@ -57,6 +61,57 @@ pub struct IoArgs {
     /// Host arena of the agent started by the bench, in MiB.
     #[arg(long, default_value_t = 2048)]
     pub host_mib: u64,
+    /// Bytes each case cycles through, in MiB (default: four times the last-level cache, at
+    /// least 256 MiB).
+    #[arg(long)]
+    pub working_set_mib: Option<u64>,
+}
+
+/// One CPU cache, as sysfs describes it.
+struct Cache {
+    level: u32,
+    kind: String,
+    bytes: usize,
+}
+
+/// The caches of CPU 0 (empty where sysfs does not say).
+fn caches() -> Vec<Cache> {
+    let base = Path::new("/sys/devices/system/cpu/cpu0/cache");
+    let Ok(dir) = std::fs::read_dir(base) else {
+        return Vec::new();
+    };
+    let read = |p: &Path, f: &str| std::fs::read_to_string(p.join(f)).unwrap_or_default();
+    let mut out: Vec<Cache> = dir
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("index"))
+        .filter_map(|e| {
+            let p = e.path();
+            let size = read(&p, "size");
+            let size = size.trim();
+            let (num, mul) = match size.strip_suffix('K') {
+                Some(n) => (n, 1 << 10),
+                None => match size.strip_suffix('M') {
+                    Some(n) => (n, 1 << 20),
+                    None => (size, 1),
+                },
+            };
+            Some(Cache {
+                level: read(&p, "level").trim().parse().ok()?,
+                kind: read(&p, "type").trim().to_string(),
+                bytes: num.parse::<usize>().ok()? * mul,
+            })
+        })
+        .collect();
+    out.sort_by_key(|c| (c.level, c.kind.clone()));
+    out
+}
+
+/// Page-aligned buffers of `size` bytes, `total` bytes in all (at least one), each filled
+/// differently, to rotate through.
+fn pool(size: usize, total: usize) -> Vec<AlignedBuf> {
+    (0..(total / size).max(1))
+        .map(|i| page_aligned(size, (i as u8).wrapping_mul(31).wrapping_add(1)))
+        .collect()
 }
 
 struct Stat {
@@ -260,9 +315,7 @@ impl Drop for AlignedBuf {
 /// as the get cases read rotating keys into one client buffer (so neither runs from cache
 /// when the other would not).
 fn memcpy_case(size: usize, pool_bytes: usize, secs: f64) -> anyhow::Result<Stat> {
-    let pool: Vec<AlignedBuf> = (0..(pool_bytes / size).max(1))
-        .map(|i| page_aligned(size, i as u8))
-        .collect();
+    let pool = pool(size, pool_bytes);
     let mut dst = page_aligned(size, 0);
     let mut i = 0;
     timed(secs, || {
@@ -316,6 +369,7 @@ fn key(ns: &str, t: usize, i: usize) -> Vec<u8> {
 
 /// Puts under keys no earlier call used; counts only values actually stored (a key found
 /// already cached would cost no copy).
+#[allow(clippy::too_many_arguments)]
 fn nencache_put(
     socket: &Path,
     threads: usize,
@@ -323,6 +377,7 @@ fn nencache_put(
     batch: usize,
     secs: f64,
     verify: bool,
+    working_set: usize,
 ) -> anyhow::Result<Stat> {
     static CALLS: AtomicUsize = AtomicUsize::new(0);
     let ns = format!("put-{}", CALLS.fetch_add(1, Ordering::Relaxed));
@@ -335,7 +390,8 @@ fn nencache_put(
                 ..ClientOptions::default()
             };
             let c = Client::connect_with(&socket, opts).await?;
-            let value = page_aligned(size, (t as u8).wrapping_add(1));
+            // Source values as cold as memcpy's: a rotating pool the size of the working set.
+            let values = pool(size, working_set / threads);
             let mut next = 0usize;
             barrier.wait();
             let mut s = Stat::new();
@@ -345,9 +401,10 @@ fn nencache_put(
                 next += batch;
                 let puts: Vec<Put<'_>> = keys
                     .iter()
-                    .map(|k| Put {
+                    .enumerate()
+                    .map(|(i, k)| Put {
                         key: k,
-                        value: &value,
+                        value: &values[(next + i) % values.len()],
                         metadata: b"",
                         ttl: None,
                     })
@@ -380,12 +437,19 @@ fn nencache_fill(
     rt.block_on(async {
         let c = Client::connect(socket).await?;
         let value = vec![0xa5u8; size];
-        for t in 0..threads {
-            for i in 0..per_thread {
-                let k = key(ns, t, i);
-                c.put(&k, &value, b"").await?;
-            }
-        }
+        let keys: Vec<Vec<u8>> = (0..threads)
+            .flat_map(|t| (0..per_thread).map(move |i| key(ns, t, i)))
+            .collect();
+        let puts: Vec<Put<'_>> = keys
+            .iter()
+            .map(|k| Put {
+                key: k,
+                value: &value,
+                metadata: b"",
+                ttl: None,
+            })
+            .collect();
+        c.put_many(&puts).await?;
         Ok(())
     })
 }
@@ -437,6 +501,7 @@ fn nencache_get(
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn redis_case(
     socket: &Path,
     threads: usize,
@@ -444,15 +509,19 @@ fn redis_case(
     secs: f64,
     get: bool,
     pin: Option<usize>,
+    working_set: usize,
 ) -> anyhow::Result<Stat> {
     let socket = socket.to_path_buf();
     on_threads(threads, pin, move |t, barrier| {
         let mut r = Redis::connect(&socket)?;
-        let value = page_aligned(size, 0x5a);
+        // Keys and source values rotate through the working set, as the other cases do.
+        let values = pool(size, working_set / threads);
         let mut buf = page_aligned(size, 0);
-        let keys: Vec<Vec<u8>> = (0..8).map(|i| key("redis", t, i)).collect();
-        for k in &keys {
-            r.set(k, &value)?;
+        let keys: Vec<Vec<u8>> = (0..values.len()).map(|i| key("redis", t, i)).collect();
+        if get {
+            for (k, v) in keys.iter().zip(&values) {
+                r.set(k, v)?;
+            }
         }
         barrier.wait();
         let mut i = 0;
@@ -462,7 +531,7 @@ fn redis_case(
             if get {
                 r.get_into(k, &mut buf)?.context("redis lost a key")?;
             } else {
-                r.set(k, &value)?;
+                r.set(k, &values[i % values.len()])?;
             }
             Ok(size as u64)
         })
@@ -570,9 +639,26 @@ pub fn run(a: &IoArgs) -> anyhow::Result<()> {
         Some(start_redis(dir.path())?)
     };
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let caches = caches();
+    let llc = caches.iter().map(|c| c.bytes).max().unwrap_or(32 << 20);
+    let working_set = a
+        .working_set_mib
+        .map_or((4 * llc).max(256 << 20), |m| (m as usize) << 20);
     println!("# nencache-bench io\n");
+    let described: Vec<String> = caches
+        .iter()
+        .map(|c| format!("L{} {} {}", c.level, c.kind.to_lowercase(), human(c.bytes)))
+        .collect();
     println!(
-        "{cpus} CPUs; {:.1} s per case; batched calls move about {} per call\n",
+        "{cpus} CPUs; caches (CPU 0): {}; every case cycles through {} ({:.0}x the last-level \
+         cache); {:.1} s per case; batched calls move about {} per call\n",
+        if described.is_empty() {
+            "not reported".into()
+        } else {
+            described.join(", ")
+        },
+        human(working_set),
+        working_set as f64 / llc as f64,
         a.seconds,
         human(a.batch_bytes)
     );
@@ -586,9 +672,13 @@ pub fn run(a: &IoArgs) -> anyhow::Result<()> {
     for &size in &a.sizes {
         let batch = (a.batch_bytes / size).max(1);
         for &threads in &a.threads {
-            // Enough distinct keys per thread for a few batches, within a third of the arena.
+            // Gets cycle through the working set, within half of the arena (the rest takes
+            // the puts, which evict).
             let budget = (a.host_mib as usize) << 20;
-            let per_thread = (batch * 2).min(budget / 3 / size / threads).max(1);
+            let per_thread = (working_set / size / threads)
+                .min(budget / 2 / size / threads)
+                .max(batch)
+                .max(1);
             let ns = format!("get-{size}-{threads}");
             // The cases take turns in short rounds, so that a noisy moment on a shared machine
             // falls on all of them alike instead of skewing one ratio.
@@ -597,9 +687,25 @@ pub fn run(a: &IoArgs) -> anyhow::Result<()> {
             let mut put_verified = Stat::new();
             let (mut rset, mut rget) = (Stat::new(), Stat::new());
             for _ in 0..a.rounds {
-                memcpy.append(&memcpy_case(size, per_thread * size, slice)?);
-                put.append(&nencache_put(&socket, threads, size, batch, slice, false)?);
-                put_verified.append(&nencache_put(&socket, threads, size, batch, slice, true)?);
+                memcpy.append(&memcpy_case(size, working_set, slice)?);
+                put.append(&nencache_put(
+                    &socket,
+                    threads,
+                    size,
+                    batch,
+                    slice,
+                    false,
+                    working_set,
+                )?);
+                put_verified.append(&nencache_put(
+                    &socket,
+                    threads,
+                    size,
+                    batch,
+                    slice,
+                    true,
+                    working_set,
+                )?);
                 // Puts evict: (re)fill what the gets read.
                 nencache_fill(&socket, &ns, threads, size, per_thread)?;
                 let g = batch.min(per_thread);
@@ -607,8 +713,24 @@ pub fn run(a: &IoArgs) -> anyhow::Result<()> {
                     &socket, &ns, threads, size, g, per_thread, slice, None,
                 )?);
                 if let Some((_, rs)) = &redis {
-                    rset.append(&redis_case(rs, threads, size, slice, false, None)?);
-                    rget.append(&redis_case(rs, threads, size, slice, true, None)?);
+                    rset.append(&redis_case(
+                        rs,
+                        threads,
+                        size,
+                        slice,
+                        false,
+                        None,
+                        working_set,
+                    )?);
+                    rget.append(&redis_case(
+                        rs,
+                        threads,
+                        size,
+                        slice,
+                        true,
+                        None,
+                        working_set,
+                    )?);
                 }
             }
             let (rset, rget) = if redis.is_some() {
@@ -661,7 +783,7 @@ pub fn run(a: &IoArgs) -> anyhow::Result<()> {
         nencache_fill(&socket, "latency", 1, 64 << 10, 1)?;
         let get1 = nencache_get(&socket, "latency", 1, 64 << 10, 1, 1, a.seconds, pin)?;
         let rget = match &redis {
-            Some((_, rs)) => Some(redis_case(rs, 1, 64 << 10, a.seconds, true, pin)?),
+            Some((_, rs)) => Some(redis_case(rs, 1, 64 << 10, a.seconds, true, pin, 64 << 10)?),
             None => None,
         };
         let mut cases = vec![
