@@ -136,28 +136,117 @@ impl SocketPaths {
     }
 }
 
-/// Creates `dir` (and its parents) if needed, makes it owned by `uid:gid` and sets `mode`.
-/// An existing non-directory at `dir` is an error, not replaced.
+/// Readies `dir` for an agent that runs as `uid:gid`: afterwards it is a directory owned by
+/// `uid:gid` with `mode`. This is the `prepare-dir` subcommand, which the DaemonSet's init
+/// container runs as root with `CAP_CHOWN` only, so it takes over nothing that is not safe
+/// to hand to the agent. It changes `dir` only when `dir` is
+///
+/// - a directory it creates itself (missing parents are created `0755`, as the kubelet
+///   creates them, and left to the caller);
+/// - a directory owned by `uid:gid` already (the agent's, from an earlier start): only its
+///   mode is set;
+/// - an empty directory owned by `root:root` with mode `0755`: what the kubelet's
+///   `DirectoryOrCreate` hostPath makes, before anything was put in it.
+///
+/// Anything else is refused and left as it is: a directory with contents or another owner
+/// or mode (`/etc`, a kubelet or runtime directory, another program's state), a symbolic
+/// link, or a non-directory. The checks and the changes go through one `O_PATH` descriptor
+/// opened without following links, so the directory checked is the directory changed, and
+/// root needs no permission on the directory to inspect it (with `CAP_CHOWN` only, root
+/// cannot read a `0750` directory it does not own). Root without `CAP_FOWNER` may change
+/// the mode only of a directory it owns, so the mode is set before the owner (taking the
+/// directory over first, with `CAP_CHOWN`, when root does not own it).
 ///
 /// # Errors
-/// When a filesystem call fails (for instance `chown` without `CAP_CHOWN`).
+/// A refused directory (the message says why), or a failed filesystem call (for instance
+/// `chown` without `CAP_CHOWN`).
 pub fn prepare_dir(dir: &Path, uid: u32, gid: u32, mode: u32) -> Result<(), SocketError> {
-    DirBuilder::new()
-        .recursive(true)
-        .mode(mode)
-        .create(dir)
-        .map_err(io("creating directory", dir))?;
-    let meta = fs::symlink_metadata(dir).map_err(io("inspecting", dir))?;
-    if !meta.is_dir() {
-        return Err(SocketError::Io {
-            what: "preparing",
-            path: dir.to_path_buf(),
-            source: std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory"),
-        });
+    use std::os::fd::AsRawFd;
+
+    use rustix::{
+        fs::{AtFlags, Mode, OFlags},
+        io::Errno,
+        process::{Gid, Uid},
+    };
+    let refuse = |why: String| SocketError::Io {
+        what: "refusing to prepare",
+        path: dir.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::PermissionDenied, why),
+    };
+    let sys = |what: &'static str| move |e: Errno| io(what, dir)(e.into());
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(parent)
+            .map_err(io("creating directory", parent))?;
     }
-    std::os::unix::fs::chown(dir, Some(uid), Some(gid)).map_err(io("changing owner of", dir))?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(mode))
-        .map_err(io("setting permissions on", dir))?;
+    // Private until it is handed over.
+    let created = match rustix::fs::mkdir(dir, Mode::from_raw_mode(0o700)) {
+        Ok(()) => true,
+        Err(Errno::EXIST) => false,
+        Err(e) => return Err(sys("creating directory")(e)),
+    };
+    let fd = rustix::fs::open(
+        dir,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| match e {
+        Errno::NOTDIR | Errno::LOOP => refuse("not a directory (a file or a symbolic link)".into()),
+        e => sys("opening")(e),
+    })?;
+    let st = rustix::fs::fstat(&fd).map_err(sys("inspecting"))?;
+    let (owner, group, current) = (st.st_uid, st.st_gid, st.st_mode & 0o7777);
+    let me = rustix::process::geteuid().as_raw();
+    if owner != uid || group != gid {
+        let empty = || -> Result<bool, Errno> {
+            let listing = rustix::fs::openat(
+                &fd,
+                ".",
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            for entry in rustix::fs::Dir::new(listing)? {
+                let entry = entry?;
+                if ![&b"."[..], b".."].contains(&entry.file_name().to_bytes()) {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        };
+        let is_empty = empty().map_err(sys("reading"))?;
+        let made_here = created && owner == me && is_empty;
+        let from_kubelet = owner == 0 && group == 0 && current == 0o755 && is_empty;
+        if !made_here && !from_kubelet {
+            return Err(refuse(format!(
+                "it is owned by {owner}:{group} with mode {current:04o}{}; only a directory \
+                 created here, one owned by {uid}:{gid} already, or an empty root:root 0755 one \
+                 (as the kubelet creates it) is handed over",
+                if is_empty { "" } else { " and not empty" },
+            )));
+        }
+    }
+    let chown = |u: u32, g: Option<u32>| {
+        rustix::fs::chownat(
+            &fd,
+            "",
+            Some(Uid::from_raw(u)),
+            g.map(Gid::from_raw),
+            AtFlags::EMPTY_PATH,
+        )
+        .map_err(sys("changing owner of"))
+    };
+    if current != mode {
+        if owner != me {
+            chown(me, None)?;
+        }
+        // The directory the descriptor holds, whatever happens to the path meanwhile.
+        let held = format!("/proc/self/fd/{}", fd.as_raw_fd());
+        rustix::fs::chmod(held.as_str(), Mode::from_raw_mode(mode))
+            .map_err(sys("setting permissions on"))?;
+    }
+    chown(uid, Some(gid))?;
     Ok(())
 }
 

@@ -24,12 +24,14 @@ struct Cli {
 enum Command {
     /// Serve the cache on a Unix socket.
     Serve(Box<ServeArgs>),
-    /// Create a socket directory and give it to the agent's user (needs CAP_CHOWN).
+    /// Give a socket directory to the agent's user (needs CAP_CHOWN): one it creates, one the
+    /// user owns already, or an empty root-owned 0755 one as the kubelet creates it; anything
+    /// else is refused and left alone.
     PrepareDir {
         /// The directory.
         dir: std::path::PathBuf,
-        /// Owner.
-        #[arg(long, default_value_t = 65532)]
+        /// Owner (not root: the agent runs unprivileged).
+        #[arg(long, default_value_t = 65532, value_parser = clap::value_parser!(u32).range(1..))]
         uid: u32,
         /// Group (pods that connect need it as a supplemental group).
         #[arg(long, default_value_t = 65532)]
