@@ -29,33 +29,42 @@
 //! ```
 //!
 //! # Layout
-//! - [`session`](crate::session): one attached session, and the one `call` every operation
-//!   goes through (fast path or gRPC, cancellation-safe);
+//! - `lib` (this file): [`Client`] and the types of its API;
+//! - `calls`: the operations on one session (splitting, the pipelined put, answers into
+//!   values, slots and outcomes);
+//! - `session`: one attached session, and the one `call` every operation goes through
+//!   (fast path or gRPC, cancellation-safe);
 //! - `conn`: the task pair that owns the session connection;
 //! - `batch`: splitting batches to the agent's limits;
 //! - `value`: [`Value`], [`Slot`] and the queues that return their leases and reservations;
 //! - `error`: [`ClientError`].
 
 mod batch;
+mod calls;
 mod conn;
 mod error;
 mod session;
 mod value;
 
 use std::{
-    ops::Range,
     path::{Path, PathBuf},
     sync::Arc,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use nencache_api::{
-    frame::{Found, Request, ReserveItem, Response, op},
+    frame::{Request, ReserveItem, Response, op},
     v1,
 };
 pub use nencache_engine::{ChunkKeys, DEFAULT_CHUNK_SIZE, MAX_KEY_LEN, checksum, hex};
 
-use crate::session::{Session, count, mismatched};
+use crate::{
+    calls::{
+        commit_outcomes, get_on, group_by_session, lookup_on, partial, put_many_on, reserve,
+        rounds, ttl_ms,
+    },
+    session::{Session, mismatched},
+};
 pub use crate::{
     error::ClientError,
     value::{Slot, Value},
@@ -154,9 +163,6 @@ struct Inner {
     current: parking_lot::Mutex<Arc<Session>>,
     reconnecting: tokio::sync::Mutex<()>,
 }
-
-/// Values written to staging before their commit is sent, when a batch is pipelined.
-const PIPELINE_BYTES: usize = 2 << 20;
 
 impl Client {
     /// Connects with default options.
@@ -379,17 +385,18 @@ impl Client {
 
     /// Releases the leases of every value dropped so far, and returns once the agent has
     /// applied them (including releases already under way in the background or riding on a
-    /// concurrent get).
+    /// concurrent get). Leases of a session the agent has closed ended with it.
     ///
     /// # Errors
-    /// A transport error.
+    /// None today; kept fallible for transports that may fail.
     pub async fn flush_releases(&self) -> Result<()> {
         let s = self.inner.current.lock().clone();
         loop {
             s.send_queued().await;
             s.queues.settled().await;
             if s.is_dead() {
-                return Err(s.disconnected());
+                // Its leases ended with it.
+                return Ok(());
             }
             if !s.queues.releases_pending() {
                 return Ok(());
@@ -439,288 +446,4 @@ fn lost(s: &Session, e: &ClientError) -> bool {
         tracing::debug!(error = %e, "session lost during a call; retrying on a new one");
     }
     lost
-}
-
-/// A TTL on the wire: milliseconds, at least 1, or 0 for the agent's default.
-fn ttl_ms(ttl: Option<Duration>) -> u64 {
-    ttl.map_or(0, |t| t.as_millis().max(1) as u64)
-}
-
-/// `e` as the error of a batch of which `outcomes` is known: the error itself when nothing
-/// was done, else a [`ClientError::PartialPut`].
-fn partial(outcomes: Vec<Option<PutOutcome>>, e: ClientError) -> ClientError {
-    if outcomes.iter().all(Option::is_none) {
-        e
-    } else {
-        ClientError::PartialPut {
-            outcomes,
-            source: Box::new(e),
-        }
-    }
-}
-
-/// The rounds a batch of puts is sent in: each round's reserve fits one request, and its
-/// values fit the staging space and reservations one session may hold.
-fn rounds(s: &Session, items: &[ReserveItem<'_>]) -> Vec<Range<usize>> {
-    let limits = &s.info.limits;
-    let page = u64::from(s.info.page_size.max(1));
-    let staging_quota = match limits.max_staging_per_session {
-        0 => s.staging_len() as u64,
-        n => n,
-    };
-    let max_items = match limits.max_reservations_per_session {
-        0 => s.sizer.max_batch,
-        n => s.sizer.max_batch.min(n as usize),
-    };
-    let mut out = Vec::new();
-    let (mut start, mut bytes, mut staging) = (0, 0, 0u64);
-    for (i, it) in items.iter().enumerate() {
-        let size = s.sizer.reserve(it);
-        let pages = it.value_len.div_ceil(page).max(1) * page;
-        if i > start
-            && (i - start == max_items
-                || bytes + size > s.sizer.budget
-                || staging + pages > staging_quota)
-        {
-            out.push(start..i);
-            (start, bytes, staging) = (i, 0, 0);
-        }
-        bytes += size;
-        staging += pages;
-    }
-    if items.len() > start {
-        out.push(start..items.len());
-    }
-    out
-}
-
-/// One reserve request; slots are checked against the staging area.
-async fn reserve(s: &Arc<Session>, items: &[ReserveItem<'_>]) -> Result<Vec<Option<Slot>>> {
-    let sent = Instant::now();
-    let resp = s.call(&Request::Reserve(items.to_vec()), None).await?;
-    let Response::Reserve(granted) = resp else {
-        return Err(mismatched(op::RESERVE));
-    };
-    // Slots are made for every grant first, so an error below aborts them all.
-    let timeout = Duration::from_millis(s.info.limits.reservation_timeout_ms);
-    let write_by = sent + timeout.saturating_sub((timeout / 4).min(Duration::from_secs(2)));
-    let slots: Vec<Option<Slot>> = granted
-        .iter()
-        .zip(
-            items
-                .iter()
-                .map(|i| i.value_len)
-                .chain(std::iter::repeat(0)),
-        )
-        .map(|(g, len)| {
-            g.map(|(id, offset)| Slot {
-                session: s.clone(),
-                id,
-                offset: offset as usize,
-                len: len as usize,
-                write_by,
-                armed: true,
-            })
-        })
-        .collect();
-    count(op::RESERVE, slots.len(), items.len())?;
-    if slots.iter().flatten().any(|slot| {
-        slot.offset
-            .checked_add(slot.len)
-            .is_none_or(|end| end > s.staging_len())
-    }) {
-        return Err(ClientError::Protocol("staging slot out of bounds".into()));
-    }
-    Ok(slots)
-}
-
-/// One round of `put_many`: reserve, then write and commit in pipelined groups. Records the
-/// outcome of each item in `outcomes` as it becomes known, so that a failure part-way leaves
-/// there what was stored.
-async fn put_round(
-    s: &Arc<Session>,
-    items: &[ReserveItem<'_>],
-    puts: &[Put<'_>],
-    outcomes: &mut [Option<PutOutcome>],
-) -> Result<()> {
-    let slots = reserve(s, items).await?;
-    for (o, slot) in outcomes.iter_mut().zip(&slots) {
-        if slot.is_none() {
-            *o = Some(PutOutcome::Exists);
-        }
-    }
-    let mut reserved: Vec<(usize, Slot, &[u8])> = Vec::with_capacity(slots.len());
-    for (i, (slot, p)) in slots.into_iter().zip(puts).enumerate() {
-        if let Some(slot) = slot {
-            reserved.push((i, slot, p.value));
-        }
-    }
-    let mut reserved = reserved.into_iter().peekable();
-    let mut pending = Vec::new();
-    let mut refused = None;
-    while refused.is_none() && reserved.peek().is_some() {
-        let (mut group, mut bytes, mut at) = (Vec::new(), 0, Vec::new());
-        while let Some((i, slot, value)) =
-            reserved.next_if(|_| bytes < PIPELINE_BYTES && group.len() < s.sizer.max_batch)
-        {
-            if let Err(e) = slot.write(0, value) {
-                // This slot and every one not yet written are dropped, and so aborted.
-                refused = Some(e);
-                break;
-            }
-            let sum = s.verify.then(|| checksum(value));
-            bytes += value.len();
-            at.push(i);
-            group.push((slot, sum));
-        }
-        if group.is_empty() {
-            break;
-        }
-        let group: Vec<(u64, Option<u64>)> = group
-            .into_iter()
-            .map(|(slot, sum)| (slot.disarm(), sum))
-            .collect();
-        pending.push((at, s.call(&Request::Commit(group), None)));
-    }
-    drop(reserved);
-    // Every commit sent is awaited, even after a refusal, so that each outcome is known.
-    for (at, p) in pending {
-        match commit_outcomes(p.await, at.len()) {
-            Ok(o) => {
-                for (i, o) in at.into_iter().zip(o) {
-                    outcomes[i] = Some(o);
-                }
-            }
-            Err(e) => refused = refused.or(Some(e)),
-        }
-    }
-    refused.map_or(Ok(()), Err)
-}
-
-fn commit_outcomes(r: Result<Response>, n: usize) -> Result<Vec<PutOutcome>> {
-    let Response::Commit(done) = r? else {
-        return Err(mismatched(op::COMMIT));
-    };
-    count(op::COMMIT, done.len(), n)?;
-    Ok(done
-        .into_iter()
-        .map(|ok| {
-            if ok {
-                PutOutcome::Stored
-            } else {
-                PutOutcome::ChecksumMismatch
-            }
-        })
-        .collect())
-}
-
-/// Consecutive runs of slots of one session (slots outlive a reconnect).
-fn group_by_session(slots: Vec<Slot>) -> Vec<Vec<Slot>> {
-    let mut out: Vec<Vec<Slot>> = Vec::new();
-    for slot in slots {
-        match out.last_mut() {
-            Some(g) if Arc::ptr_eq(&g[0].session, &slot.session) => g.push(slot),
-            _ => out.push(vec![slot]),
-        }
-    }
-    out
-}
-
-/// A [`Value`] for a found item; its lease is returned when it is dropped.
-fn value(s: &Arc<Session>, f: Found) -> Value {
-    Value {
-        session: s.clone(),
-        offset: f.offset as usize,
-        len: f.len as usize,
-        lease: f.lease,
-        metadata: f.metadata,
-    }
-}
-
-async fn lookup_on(s: &Arc<Session>, keys: &[&[u8]]) -> Result<(usize, Vec<v1::Tier>)> {
-    let mut tiers = Vec::new();
-    for r in s.sizer.split(keys.iter().map(|k| s.sizer.key(k))) {
-        let want = r.len();
-        let Response::Lookup(t) = s.call(&Request::Lookup(keys[r].to_vec()), None).await? else {
-            return Err(mismatched(op::LOOKUP));
-        };
-        if t.len() > want {
-            return Err(ClientError::Protocol(format!(
-                "lookup answered {} tiers for {want} keys",
-                t.len()
-            )));
-        }
-        let full = t.len() == want;
-        tiers.extend(
-            t.into_iter()
-                .map(|t| v1::Tier::try_from(i32::from(t)).unwrap_or_default()),
-        );
-        if !full {
-            break;
-        }
-    }
-    Ok((tiers.len(), tiers))
-}
-
-async fn put_many_on(s: &Arc<Session>, puts: &[Put<'_>]) -> Result<Vec<PutOutcome>> {
-    let items: Vec<ReserveItem<'_>> = puts
-        .iter()
-        .map(|p| ReserveItem {
-            key: p.key,
-            value_len: p.value.len() as u64,
-            metadata: p.metadata,
-            ttl_ms: ttl_ms(p.ttl),
-            overwrite: false,
-        })
-        .collect();
-    let mut outcomes: Vec<Option<PutOutcome>> = vec![None; puts.len()];
-    for round in rounds(s, &items) {
-        let r = put_round(
-            s,
-            &items[round.clone()],
-            &puts[round.clone()],
-            &mut outcomes[round],
-        )
-        .await;
-        if let Err(e) = r {
-            return Err(partial(outcomes, e));
-        }
-    }
-    outcomes
-        .into_iter()
-        .map(|o| o.ok_or_else(|| ClientError::Protocol("a put has no outcome".into())))
-        .collect()
-}
-
-async fn get_on(s: &Arc<Session>, keys: &[&[u8]]) -> Result<Vec<Option<Value>>> {
-    let sizes: Vec<usize> = keys.iter().map(|k| s.sizer.key(k)).collect();
-    let mut pending = Vec::new();
-    for r in s.sizer.split(sizes.iter().copied()) {
-        let used: usize = sizes[r.clone()].iter().sum();
-        // Leases of dropped values ride along instead of a call of their own.
-        let room = s.sizer.budget.saturating_sub(used) / s.sizer.id();
-        let (ids, settle) = s.queues.take_releases(room.min(s.sizer.max_batch));
-        let n = r.len();
-        pending.push((n, s.call(&Request::Get(keys[r].to_vec(), ids), settle)));
-    }
-    let mut out = Vec::with_capacity(keys.len());
-    for (n, p) in pending {
-        let Response::Get(found) = p.await? else {
-            return Err(mismatched(op::GET));
-        };
-        // Values first, so that an error below drops them all and so returns every lease.
-        let values: Vec<Option<Value>> =
-            found.into_iter().map(|f| f.map(|f| value(s, f))).collect();
-        count(op::GET, values.len(), n)?;
-        let arena = s.arena().len();
-        if values
-            .iter()
-            .flatten()
-            .any(|v| v.offset.checked_add(v.len).is_none_or(|end| end > arena))
-        {
-            return Err(ClientError::Protocol("value extent out of bounds".into()));
-        }
-        out.extend(values);
-    }
-    Ok(out)
 }

@@ -257,7 +257,8 @@ impl Session {
                 tracing::debug!(error = %s, "batch refused; returning ids one by one");
                 for &id in ids {
                     if let Err(e) = self.call(&make(vec![id]), None).await {
-                        tracing::warn!(error = %e, id, "returning a lease or reservation");
+                        // Typically one that a refused get had released after all.
+                        tracing::debug!(error = %e, id, "returning a lease or reservation");
                     }
                 }
             }

@@ -356,9 +356,11 @@ async fn child_helper() {
     let socket = std::env::var("NENCACHE_TEST_SOCKET").unwrap();
     let c = Client::connect(&socket).await.unwrap();
     let mut held = Vec::new();
+    // Kept until the process is killed: a dropped slot would be aborted.
+    let mut slots = Vec::new();
     match mode.as_str() {
         "reserve" => {
-            let slots = c
+            slots = c
                 .reserve(&[Reserve {
                     key: b"doomed",
                     value_len: 4 << 20,
@@ -376,7 +378,7 @@ async fn child_helper() {
     println!("READY");
     std::io::stdout().flush().unwrap();
     tokio::time::sleep(Duration::from_secs(30)).await;
-    drop(held);
+    drop((held, slots));
 }
 
 fn spawn_child(mode: &str, socket: &Path) -> Child {
