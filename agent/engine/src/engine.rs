@@ -368,7 +368,7 @@ impl Engine {
         let page = u64::from(cfg.page_size);
         let arena_pages = (cfg.capacity / page) as u32;
         let staging_pages = (cfg.staging / page) as u32;
-        let arena = SharedRegion::create(
+        let arena = SharedRegion::create_read_only(
             "nencache-arena",
             (u64::from(arena_pages) * page) as usize,
             cfg.lock_memory,
