@@ -41,6 +41,8 @@ const AGENT: &str = env!("CARGO_BIN_EXE_nencache-agent");
 const PROBE_ATTACH: &str = "NENCACHE_TEST_PROBE_ATTACH";
 /// Set in the probe's environment: the seed of the committed value's bytes.
 const PROBE_SEED: &str = "NENCACHE_TEST_PROBE_SEED";
+/// Set in the probe's environment: the agent's pid.
+const PROBE_AGENT_PID: &str = "NENCACHE_TEST_PROBE_AGENT_PID";
 const PROBE_TEST: &str = "seal_probe";
 
 /// The agent's group, which the probes belong to.
@@ -375,6 +377,30 @@ fn seal_probe() {
         ));
         page += 1;
     }
+    // The agent's own writable mapping, through /proc/<agent>/mem: refused because the agent
+    // is not dumpable (else a process of its user could write it).
+    if let Ok(pid) = std::env::var(PROBE_AGENT_PID) {
+        let r = std::fs::read_to_string(format!("/proc/{pid}/maps")).and_then(|maps| {
+            let start = maps
+                .lines()
+                .find(|l| l.contains("nencache-arena") && l.split(' ').nth(1) == Some("rw-s"))
+                .and_then(|l| u64::from_str_radix(l.split('-').next()?, 16).ok())
+                .ok_or_else(|| std::io::Error::other("no writable arena mapping listed"))?;
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(format!("/proc/{pid}/mem"))?
+                .write_at(&MARK, start + page_at(page) as u64)
+        });
+        out.push((
+            "/proc/<agent>/mem".into(),
+            match r {
+                Ok(_) => "ok".to_string(),
+                Err(e) => format!("{e}"),
+            },
+            changed(page),
+        ));
+    }
     // The staging area stays writable: clients write their puts there.
     let r = map(
         &staging,
@@ -410,12 +436,13 @@ fn seal_probe() {
 
 /// Runs the probe as `uid` (group `GROUP`) against the attach socket `attach`; `dir` is
 /// where a copy of the test binary goes if the probe's user cannot reach this one.
-fn run_probe(dir: &Path, attach: &Path, uid: u32, seed: u64) -> Vec<Outcome> {
+fn run_probe(dir: &Path, attach: &Path, uid: u32, seed: u64, agent_pid: u32) -> Vec<Outcome> {
     let exe = runnable_by_anyone(&std::env::current_exe().unwrap(), dir);
     let out = Command::new(exe)
         .args(["--exact", PROBE_TEST, "--nocapture", "--test-threads=1"])
         .env(PROBE_ATTACH, attach)
         .env(PROBE_SEED, seed.to_string())
+        .env(PROBE_AGENT_PID, agent_pid.to_string())
         .uid(uid)
         .gid(GROUP)
         .output()
@@ -476,7 +503,8 @@ async fn committed_values_stay_unwritable(probe_uid: u32, umask: u32) {
     );
     let outcomes = tokio::task::spawn_blocking({
         let (dir, attach) = (agent.dir.path().to_path_buf(), agent.attach_path());
-        move || run_probe(&dir, &attach, probe_uid, seed)
+        let pid = agent.child.id();
+        move || run_probe(&dir, &attach, probe_uid, seed, pid)
     })
     .await
     .unwrap();

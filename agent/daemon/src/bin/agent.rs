@@ -72,6 +72,10 @@ async fn main() -> anyhow::Result<()> {
         settings.otlp_endpoint.as_deref(),
         "nencache-agent",
     )?;
+    // Not dumpable: another process of the agent's user can then neither ptrace it nor open
+    // its /proc/<pid>/mem or fd entries, the last ways left to write the arena (the agent's
+    // own mapping is the one writable view of it).
+    rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)?;
     let agent = Agent::bind(settings).await?;
     agent.serve(termination_signal()).await?;
     Ok(())
