@@ -12,7 +12,7 @@ use kube::core::{
     DynamicObject,
     admission::{AdmissionRequest, AdmissionResponse, AdmissionReview},
 };
-use nencache_operator::{crd::NenCacheCluster, webhook::mutate};
+use nencache_operator::{build::Policy, crd::NenCacheCluster, webhook::mutate};
 use serde_json::json;
 
 fn review_bytes() -> Vec<u8> {
@@ -69,11 +69,12 @@ fn bench(c: &mut Criterion) {
     });
     for n in [10, 1000] {
         let known = clusters(n);
+        let policy = Policy::default();
         g.bench_function(format!("inject_with_{n}_clusters"), |b| {
             b.iter(|| {
                 let review: AdmissionReview<Pod> =
                     serde_json::from_slice(black_box(&bytes)).unwrap();
-                black_box(mutate(review, &known).to_string())
+                black_box(mutate(review, &known, &policy).to_string())
             });
         });
     }

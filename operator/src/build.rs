@@ -1,6 +1,8 @@
-//! The pure part of reconciling a `NenCacheCluster`: [`validate`] checks the spec and turns
-//! sizes into bytes, [`build`] makes every object the cluster owns. Nothing here talks to the
-//! API server, so the whole mapping is tested from YAML fixtures.
+//! The pure part of reconciling a `NenCacheCluster`: [`validate`] checks the spec against what
+//! the agent supports and what the operator's [`Policy`] allows (host paths only under its
+//! prefixes) and turns sizes into bytes, [`build`] makes every object the cluster owns (its
+//! privileged helper from the policy's image). Nothing here talks to the API server, so the
+//! whole mapping is tested from YAML fixtures.
 
 use std::collections::BTreeMap;
 
@@ -26,7 +28,7 @@ use kube::{
 };
 use serde_json::json;
 
-use crate::crd::NenCacheCluster;
+use crate::crd::{DEFAULT_IMAGE, NenCacheCluster, PullPolicy};
 
 /// Field manager used for server-side apply.
 pub const FIELD_MANAGER: &str = "nencache-operator";
@@ -34,6 +36,131 @@ pub const FIELD_MANAGER: &str = "nencache-operator";
 pub const CONFIG_PATH: &str = "/etc/nencache/agent.yaml";
 /// User the agent runs as.
 pub const AGENT_UID: i64 = 65532;
+/// Host directories a cluster's host paths may be in unless the operator is told otherwise.
+pub const DEFAULT_HOST_PATH_PREFIXES: &[&str] = &["/run/nencache", "/var/lib/nencache"];
+/// Longest socket directory: the agent's attach socket (`<dir>/agent.sock.attach`) must fit in
+/// a Unix socket address (108 bytes with its terminating NUL).
+const MAX_SOCKET_DIR: usize = 107 - "/agent.sock.attach".len();
+
+/// What the operator lets clusters ask of the nodes, and what it runs with privilege. Set by
+/// the operator's flags (the chart's values), never by a `NenCacheCluster`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// Host directories a cluster's host paths (`socketDir`) must be in (or be).
+    host_path_prefixes: Vec<String>,
+    /// Image of the privileged helper: the init container that hands the socket directory to
+    /// the agent's user.
+    pub helper_image: String,
+    /// Pull policy of the helper image.
+    pub helper_image_pull_policy: PullPolicy,
+}
+
+impl Default for Policy {
+    /// [`DEFAULT_HOST_PATH_PREFIXES`], and the agent image of this operator's version as the
+    /// helper image.
+    fn default() -> Self {
+        Self {
+            host_path_prefixes: DEFAULT_HOST_PATH_PREFIXES
+                .iter()
+                .map(|p| (*p).to_string())
+                .collect(),
+            helper_image: DEFAULT_IMAGE.into(),
+            helper_image_pull_policy: PullPolicy::IfNotPresent,
+        }
+    }
+}
+
+impl Policy {
+    /// A policy allowing host paths under `prefixes`, running the helper from `helper_image`.
+    ///
+    /// # Errors
+    /// When no prefix is given, or one is not a normalized absolute path other than `/`.
+    pub fn new(
+        prefixes: impl IntoIterator<Item = String>,
+        helper_image: String,
+        helper_image_pull_policy: PullPolicy,
+    ) -> Result<Self, String> {
+        let host_path_prefixes: Vec<String> = prefixes.into_iter().collect();
+        if host_path_prefixes.is_empty() {
+            return Err("at least one host path prefix is needed".into());
+        }
+        for p in &host_path_prefixes {
+            if let Some(why) = path_problem(p) {
+                return Err(format!("host path prefix {p:?} {why}"));
+            }
+        }
+        if helper_image.trim().is_empty() {
+            return Err("the helper image is empty".into());
+        }
+        Ok(Self {
+            host_path_prefixes,
+            helper_image,
+            helper_image_pull_policy,
+        })
+    }
+
+    /// The host directories host paths must be in.
+    #[must_use]
+    pub fn host_path_prefixes(&self) -> &[String] {
+        &self.host_path_prefixes
+    }
+
+    /// Checks that host path `value` of `field` is a normalized absolute path in one of the
+    /// allowed prefixes.
+    ///
+    /// # Errors
+    /// [`SpecError::HostPath`] naming the field, the problem and the allowed prefixes.
+    pub fn check_host_path(&self, field: &'static str, value: &str) -> Result<(), SpecError> {
+        let refuse = |reason: String| SpecError::HostPath {
+            field,
+            value: value.to_string(),
+            reason,
+            allowed: self.host_path_prefixes.join(", "),
+        };
+        if let Some(why) = path_problem(value) {
+            return Err(refuse(why));
+        }
+        let inside = self.host_path_prefixes.iter().any(|p| {
+            value == p
+                || value
+                    .strip_prefix(p.as_str())
+                    .is_some_and(|rest| rest.starts_with('/'))
+        });
+        if !inside {
+            return Err(refuse(
+                "is outside the host directories the operator allows".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Why `path` is not a normalized absolute path of plain components (letters, digits, `.`,
+/// `_`, `-`; no empty, `.` or `..` component, no trailing `/`), or `None` when it is one.
+fn path_problem(path: &str) -> Option<String> {
+    let Some(rest) = path.strip_prefix('/') else {
+        return Some("must be an absolute path".into());
+    };
+    if rest.is_empty() {
+        return Some("must not be the root directory".into());
+    }
+    for component in rest.split('/') {
+        match component {
+            "" => return Some("must be normalized (no empty component, no trailing /)".into()),
+            "." | ".." => return Some(format!("must be normalized (no {component:?} component)")),
+            c if !c
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '.' | '_' | '-')) =>
+            {
+                return Some(format!(
+                    "has a component {c:?} with characters other than letters, digits, '.', '_' and '-'"
+                ));
+            }
+            _ => {}
+        }
+    }
+    None
+}
 
 /// A spec the operator cannot run (reported as the `ConfigValid` condition).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -59,9 +186,23 @@ pub enum SpecError {
     /// A feature the agent of this version does not provide.
     #[error("{0} is not supported by this version of the agent yet")]
     Unsupported(&'static str),
-    /// The socket directory is not an absolute path.
-    #[error("socketDir {0:?} must be an absolute path")]
-    SocketDir(String),
+    /// A host path the operator does not allow.
+    #[error("{field}: {value:?} {reason}; host paths must be in one of: {allowed}")]
+    HostPath {
+        /// The field.
+        field: &'static str,
+        /// The value.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+        /// The prefixes the operator allows, comma-separated.
+        allowed: String,
+    },
+    /// The socket directory is too long for the agent's socket addresses.
+    #[error(
+        "socketDir: {0:?} is longer than {MAX_SOCKET_DIR} bytes (the agent's socket paths must fit in a Unix socket address)"
+    )]
+    SocketDirTooLong(String),
 }
 
 /// A spec checked and converted to what the agent needs.
@@ -101,11 +242,11 @@ pub fn parse_bytes(field: &'static str, value: &str) -> Result<u64, SpecError> {
     n.checked_mul(mul).ok_or_else(bad)
 }
 
-/// Checks the spec.
+/// Checks the spec against what the agent supports and what `policy` allows.
 ///
 /// # Errors
 /// The first problem found.
-pub fn validate(ncc: &NenCacheCluster) -> Result<Validated, SpecError> {
+pub fn validate(ncc: &NenCacheCluster, policy: &Policy) -> Result<Validated, SpecError> {
     let spec = &ncc.spec;
     let host_bytes = parse_bytes("tiers.host.size", &spec.tiers.host.size)?;
     if host_bytes < 64 << 20 {
@@ -133,8 +274,11 @@ pub fn validate(ncc: &NenCacheCluster) -> Result<Validated, SpecError> {
     if spec.peers.enabled {
         return Err(SpecError::Unsupported("peers"));
     }
-    if !spec.socket_dir.starts_with('/') {
-        return Err(SpecError::SocketDir(spec.socket_dir.clone()));
+    // The storage tiers' hostPaths are refused above with their tiers; when those tiers come,
+    // their paths go through the same check.
+    policy.check_host_path("socketDir", &spec.socket_dir)?;
+    if spec.socket_dir.len() > MAX_SOCKET_DIR {
+        return Err(SpecError::SocketDirTooLong(spec.socket_dir.clone()));
     }
     // The agent's own default: a quarter of the arena, at most 256 MiB, at least 64 MiB.
     let staging_bytes = (host_bytes / 4).clamp(64 << 20, 256 << 20);
@@ -237,9 +381,9 @@ fn owner(ncc: &NenCacheCluster) -> Option<OwnerReference> {
     ncc.controller_owner_ref(&())
 }
 
-/// Builds every object of the cluster.
+/// Builds every object of the cluster; privileged helpers run what `policy` says.
 #[must_use]
-pub fn build(ncc: &NenCacheCluster, v: &Validated) -> Resources {
+pub fn build(ncc: &NenCacheCluster, v: &Validated, policy: &Policy) -> Resources {
     let name = ncc.name_any();
     let agent = agent_name(&name);
     let config_map = ConfigMap {
@@ -287,7 +431,7 @@ pub fn build(ncc: &NenCacheCluster, v: &Validated) -> Resources {
                     ..RollingUpdateDaemonSet::default()
                 }),
             }),
-            template: pod_template(ncc, v, &agent),
+            template: pod_template(ncc, v, policy, &agent),
             ..DaemonSetSpec::default()
         },
         ..DaemonSet::default()
@@ -334,7 +478,12 @@ fn default_resources(v: &Validated) -> ResourceRequirements {
     }
 }
 
-fn pod_template(ncc: &NenCacheCluster, v: &Validated, agent: &str) -> PodTemplateSpec {
+fn pod_template(
+    ncc: &NenCacheCluster,
+    v: &Validated,
+    policy: &Policy,
+    agent: &str,
+) -> PodTemplateSpec {
     let s = &ncc.spec;
     let port = i32::from(s.metrics.port);
     let mut args = vec!["serve".to_string(), "--config".into(), CONFIG_PATH.into()];
@@ -385,11 +534,14 @@ fn pod_template(ncc: &NenCacheCluster, v: &Validated, agent: &str) -> PodTemplat
         ..Container::default()
     };
     // The kubelet creates the hostPath socket directory owned by root; this hands it to the
-    // agent's user before the agent starts. Root, but with CHOWN as its only capability.
+    // agent's user before the agent starts. Root, but with CHOWN as its only capability, and
+    // from the operator's own helper image, never the cluster's: `prepare-dir` takes over only
+    // a directory it created, one the agent owns already, or an empty root-owned 0755 one (what
+    // the kubelet creates), and the path is in a prefix the operator allows.
     let prepare = Container {
         name: "prepare-socket-dir".into(),
-        image: Some(s.image.clone()),
-        image_pull_policy: Some(s.image_pull_policy.as_str().into()),
+        image: Some(policy.helper_image.clone()),
+        image_pull_policy: Some(policy.helper_image_pull_policy.as_str().into()),
         args: Some(vec![
             "prepare-dir".into(),
             "--uid".into(),

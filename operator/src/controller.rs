@@ -34,6 +34,7 @@ use prometheus_client::{
 use tokio_stream::StreamExt;
 
 use crate::{
+    build::Policy,
     crd::NenCacheCluster,
     reconcile::{Context, Error, reconcile},
 };
@@ -129,17 +130,19 @@ struct Ctx {
     observed: Arc<Observed>,
 }
 
-/// Runs the controller until `shutdown` resolves; in-flight reconciles finish first.
+/// Runs the controller, enforcing `policy`, until `shutdown` resolves; in-flight reconciles
+/// finish first.
 pub async fn run(
     client: Client,
     reporter: Reporter,
+    policy: Policy,
     observed: Arc<Observed>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let wc = watcher::Config::default();
     let clusters: Api<NenCacheCluster> = Api::all(client.clone());
     let ctx = Arc::new(Ctx {
-        inner: Arc::new(Context::new(client.clone(), reporter)),
+        inner: Arc::new(Context::new(client.clone(), reporter, policy)),
         observed: observed.clone(),
     });
     let stream = Controller::new(clusters, wc.clone())

@@ -56,7 +56,9 @@ pub struct NenCacheClusterSpec {
     /// Cache tiers.
     #[serde(default)]
     pub tiers: Tiers,
-    /// Directory on each node holding the agent's sockets; mounted into injected pods.
+    /// Directory on each node holding the agent's sockets; mounted into injected pods. A
+    /// normalized absolute path in one of the host directories the operator allows (by
+    /// default `/run/nencache` and `/var/lib/nencache`); any other is refused.
     #[serde(default = "default_socket_dir")]
     pub socket_dir: String,
     /// LMCache-compatible listeners.
@@ -188,7 +190,8 @@ pub struct StorageTier {
     /// Capacity as a Kubernetes quantity.
     #[schemars(regex(pattern = SIZE_PATTERN))]
     pub size: String,
-    /// Directory on the node that holds the tier's files.
+    /// Directory on the node that holds the tier's files (in a host directory the operator
+    /// allows, as for `socketDir`).
     pub host_path: String,
 }
 

@@ -35,7 +35,8 @@ use serde_json::json;
 
 use crate::{
     build::{
-        FIELD_MANAGER, SpecError, Validated, agent_name, build, service_monitor_resource, validate,
+        FIELD_MANAGER, Policy, SpecError, Validated, agent_name, build, service_monitor_resource,
+        validate,
     },
     crd::{NenCacheCluster, NenCacheClusterStatus},
 };
@@ -75,15 +76,18 @@ pub struct Context {
     pub client: Client,
     /// Publishes Events on clusters.
     pub recorder: Recorder,
+    /// What clusters may ask of the nodes, and the helper image.
+    pub policy: Policy,
 }
 
 impl Context {
-    /// A context whose Events name `reporter` as their source.
+    /// A context whose Events name `reporter` as their source, enforcing `policy`.
     #[must_use]
-    pub fn new(client: Client, reporter: Reporter) -> Self {
+    pub fn new(client: Client, reporter: Reporter, policy: Policy) -> Self {
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
+            policy,
         }
     }
 }
@@ -210,10 +214,10 @@ where
 /// A failed API call (the controller retries with back-off).
 pub async fn reconcile(ncc: Arc<NenCacheCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = ncc.namespace().ok_or(Error::NoNamespace)?;
-    let validated = validate(&ncc);
+    let validated = validate(&ncc, &ctx.policy);
     let mut notes = Vec::new();
     let ds = match &validated {
-        Ok(v) => match apply_all(&ctx.client, &ns, &ncc, v, &mut notes).await {
+        Ok(v) => match apply_all(&ctx.client, &ns, &ncc, v, &ctx.policy, &mut notes).await {
             Ok(ds) => Some(ds),
             Err(e) => {
                 publish(&ctx, &ncc, &[Note::warning("ApplyFailed", e.to_string())]).await;
@@ -258,9 +262,10 @@ async fn apply_all(
     ns: &str,
     ncc: &NenCacheCluster,
     v: &Validated,
+    policy: &Policy,
     notes: &mut Vec<Note>,
 ) -> Result<DaemonSet, Error> {
-    let r = build(ncc, v);
+    let r = build(ncc, v, policy);
     apply::<ServiceAccount>(client, ns, &r.service_account, "apply_service_account").await?;
     apply::<ConfigMap>(client, ns, &r.config_map, "apply_config_map").await?;
     apply::<Service>(client, ns, &r.service, "apply_service").await?;

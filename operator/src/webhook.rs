@@ -17,8 +17,12 @@
 //! (LMCache's builtin chunk hash must agree across processes). Variables the container sets
 //! already are kept. When the cluster has no `lm://` listener (`spec.compat.lmPort`) the
 //! socket is still injected and the skip reason says why the LMCache environment was not.
+//!
+//! A cluster whose socket directory the operator's [`Policy`] does not allow (outside the
+//! allowed host path prefixes) is never injected: the pod gets the skip reason instead, so a
+//! cluster cannot have pods mount arbitrary host directories.
 
-use std::borrow::Borrow;
+use std::{borrow::Borrow, sync::Arc};
 
 use axum::{
     Router,
@@ -36,7 +40,10 @@ use kube::{
 };
 use serde_json::{Value, json};
 
-use crate::{build::AGENT_UID, crd::NenCacheCluster};
+use crate::{
+    build::{AGENT_UID, Policy},
+    crd::NenCacheCluster,
+};
 
 /// Label that asks for injection.
 pub const INJECT_LABEL: &str = "nencache.io/inject";
@@ -89,10 +96,15 @@ fn cluster_id(c: &NenCacheCluster) -> String {
 }
 
 /// Decides what to do with `pod`, created in namespace `namespace`, given the clusters that
-/// exist. (A pod made by a controller often has no namespace in its own metadata at
-/// admission; the request names it.)
+/// exist and what `policy` allows. (A pod made by a controller often has no namespace in its
+/// own metadata at admission; the request names it.)
 #[must_use]
-pub fn decide<C: Borrow<NenCacheCluster>>(pod: &Pod, namespace: &str, clusters: &[C]) -> Decision {
+pub fn decide<C: Borrow<NenCacheCluster>>(
+    pod: &Pod,
+    namespace: &str,
+    clusters: &[C],
+    policy: &Policy,
+) -> Decision {
     if pod.labels().get(INJECT_LABEL).map(String::as_str) != Some("true") {
         return Decision::Ignore;
     }
@@ -124,6 +136,12 @@ pub fn decide<C: Borrow<NenCacheCluster>>(pod: &Pod, namespace: &str, clusters: 
             }
         },
     };
+    if let Err(e) = policy.check_host_path("socketDir", &chosen.spec.socket_dir) {
+        return Decision::Skip(format!(
+            "NenCacheCluster {} is not injected: {e}",
+            cluster_id(chosen)
+        ));
+    }
     let asked = pod
         .annotations()
         .get(LMCACHE_ANNOTATION)
@@ -287,7 +305,11 @@ fn to_wire(resp: AdmissionResponse, ops: &[Value]) -> Value {
 /// a pod that cannot be injected is admitted (with a skip reason), as `failurePolicy: Ignore`
 /// would admit it anyway.
 #[must_use]
-pub fn mutate<C: Borrow<NenCacheCluster>>(review: AdmissionReview<Pod>, clusters: &[C]) -> Value {
+pub fn mutate<C: Borrow<NenCacheCluster>>(
+    review: AdmissionReview<Pod>,
+    clusters: &[C],
+    policy: &Policy,
+) -> Value {
     let req: AdmissionRequest<Pod> = match review.try_into() {
         Ok(r) => r,
         Err(e) => return to_wire(AdmissionResponse::invalid(e.to_string()), &[]),
@@ -302,7 +324,7 @@ pub fn mutate<C: Borrow<NenCacheCluster>>(review: AdmissionReview<Pod>, clusters
                 .clone()
                 .or_else(|| pod.namespace())
                 .unwrap_or_default();
-            patch_ops(pod, &decide(pod, &namespace, clusters))
+            patch_ops(pod, &decide(pod, &namespace, clusters, policy))
         })
         .unwrap_or_default();
     to_wire(resp, &ops)
@@ -312,15 +334,19 @@ pub fn mutate<C: Borrow<NenCacheCluster>>(review: AdmissionReview<Pod>, clusters
 pub const MUTATE_PATH: &str = "/mutate-pods";
 
 /// The webhook's routes: `POST /mutate-pods` answers an `AdmissionReview` of a pod, using the
-/// clusters in `clusters` (a reflector kept current by a watch); `GET /healthz`.
-pub fn router(clusters: Store<NenCacheCluster>) -> Router {
+/// clusters in `clusters` (a reflector kept current by a watch) and what `policy` allows;
+/// `GET /healthz`.
+pub fn router(clusters: Store<NenCacheCluster>, policy: Policy) -> Router {
     Router::new()
         .route(MUTATE_PATH, post(review))
         .route("/healthz", axum::routing::get(|| async { "ok\n" }))
-        .with_state(clusters)
+        .with_state((clusters, Arc::new(policy)))
 }
 
-async fn review(State(clusters): State<Store<NenCacheCluster>>, body: Bytes) -> Response {
+async fn review(
+    State((clusters, policy)): State<(Store<NenCacheCluster>, Arc<Policy>)>,
+    body: Bytes,
+) -> Response {
     let review: AdmissionReview<Pod> = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
@@ -328,7 +354,7 @@ async fn review(State(clusters): State<Store<NenCacheCluster>>, body: Bytes) -> 
             return (StatusCode::BAD_REQUEST, msg).into_response();
         }
     };
-    let answer = mutate(review, &clusters.state());
+    let answer = mutate(review, &clusters.state(), &policy);
     (
         [(header::CONTENT_TYPE, "application/json")],
         answer.to_string(),

@@ -354,3 +354,120 @@ async fn with_the_webhook_and_leader_election_off_it_only_reconciles() {
     assert!(https(op.webhook, "", "GET", "/healthz", "").await.is_err());
     op.terminate().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_operator_enforces_the_host_paths_and_helper_image_it_is_configured_with() {
+    let (fake, api) = api_with_a_cluster().await;
+    const EVIL: &str = "/apis/nencache.io/v1alpha1/namespaces/ml/nencacheclusters/evil";
+    const SRV: &str = "/apis/nencache.io/v1alpha1/namespaces/ml/nencacheclusters/srv";
+    {
+        let mut f = fake.lock().unwrap();
+        for (path, name, uid, dir) in [
+            (EVIL, "evil", "u-2", "/etc"),
+            (SRV, "srv", "u-3", "/srv/nencache/srv"),
+        ] {
+            f.put(
+                path,
+                json!({
+                    "apiVersion": "nencache.io/v1alpha1", "kind": "NenCacheCluster",
+                    "metadata": {"name": name, "namespace": "ml", "uid": uid, "generation": 1},
+                    "spec": {"socketDir": dir, "image": "example.com/whatever:latest"},
+                }),
+            );
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut op = Operator::start_with(
+        api,
+        dir.path(),
+        "op-0",
+        &[
+            (
+                "NENCACHE_OPERATOR_HOST_PATH_PREFIXES",
+                "/srv/nencache,/run/nencache",
+            ),
+            (
+                "NENCACHE_OPERATOR_HELPER_IMAGE",
+                "registry.internal/helper:7",
+            ),
+            ("NENCACHE_OPERATOR_HELPER_IMAGE_PULL_POLICY", "Always"),
+        ],
+    )
+    .await;
+    let log = op.log.clone();
+    let condition = |path: &str, type_: &str| {
+        get(&fake, path).and_then(|c| {
+            c["status"]["conditions"]
+                .as_array()?
+                .iter()
+                .find(|c| c["type"] == type_)
+                .cloned()
+        })
+    };
+    eventually("the refused cluster's status", &log, || {
+        condition(EVIL, "ConfigValid").is_some()
+    })
+    .await;
+    let refused = condition(EVIL, "ConfigValid").unwrap();
+    assert_eq!(refused["status"], "False");
+    let msg = refused["message"].as_str().unwrap();
+    assert!(
+        msg.contains("socketDir") && msg.contains("/srv/nencache, /run/nencache"),
+        "{msg}"
+    );
+    assert!(
+        get(&fake, "/apis/apps/v1/namespaces/ml/daemonsets/evil-agent").is_none(),
+        "nothing applied for a refused cluster"
+    );
+
+    // An allowed cluster: its privileged helper runs the operator's image, not the cluster's.
+    let srv_ds = "/apis/apps/v1/namespaces/ml/daemonsets/srv-agent";
+    eventually("the allowed cluster's DaemonSet", &log, || {
+        get(&fake, srv_ds).is_some()
+    })
+    .await;
+    let pod = get(&fake, srv_ds).unwrap()["spec"]["template"]["spec"].clone();
+    assert_eq!(
+        pod["initContainers"][0]["image"],
+        "registry.internal/helper:7"
+    );
+    assert_eq!(pod["initContainers"][0]["imagePullPolicy"], "Always");
+    assert_eq!(pod["containers"][0]["image"], "example.com/whatever:latest");
+    assert_eq!(pod["volumes"][1]["hostPath"]["path"], "/srv/nencache/srv");
+
+    // The webhook does not hand the refused cluster's directory to pods.
+    let ca = ca_of(&fake);
+    let mut review = review();
+    review["request"]["object"]["metadata"]["annotations"] = json!({"nencache.io/cluster": "evil"});
+    let (code, body) = https(op.webhook, &ca, "POST", "/mutate-pods", &review.to_string())
+        .await
+        .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let ops = patch_of(&serde_json::from_str(&body).unwrap());
+    assert!(!ops.iter().any(|o| o["path"] == "/spec/volumes"), "{ops:?}");
+    assert!(
+        ops.iter().any(|o| o["value"]
+            .as_str()
+            .is_some_and(|v| v.contains("is not injected"))),
+        "{ops:?}"
+    );
+    op.terminate().await;
+}
+
+#[test]
+fn the_operator_refuses_to_start_with_unsound_host_path_prefixes() {
+    for prefixes in ["/", "relative", "/run/../etc", "/run/nencache/"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_nencache-operator"))
+            .env("NENCACHE_OPERATOR_HOST_PATH_PREFIXES", prefixes)
+            .env("KUBECONFIG", "/nonexistent")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.status.success(), "{prefixes}: {text}");
+        assert!(text.contains("host path prefix"), "{prefixes}: {text}");
+    }
+}

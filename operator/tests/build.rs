@@ -7,8 +7,8 @@
 use kube::CustomResourceExt;
 use nencache_agent::config::ServeArgs;
 use nencache_operator::{
-    build::{SpecError, build, validate},
-    crd::{DEFAULT_IMAGE, NenCacheCluster},
+    build::{Policy, Resources, SpecError, build, validate},
+    crd::{DEFAULT_IMAGE, NenCacheCluster, PullPolicy},
 };
 
 fn fixture(name: &str) -> NenCacheCluster {
@@ -22,12 +22,18 @@ fn with_spec(yaml: &str) -> NenCacheCluster {
     ncc
 }
 
+/// The objects of `ncc` under the default policy.
+fn built(ncc: &NenCacheCluster) -> Resources {
+    let policy = Policy::default();
+    build(ncc, &validate(ncc, &policy).unwrap(), &policy)
+}
+
 #[test]
 fn minimal_spec_gets_gpu_nodes_defaults_and_a_locked_down_pod() {
     let ncc = fixture("minimal.yaml");
-    let v = validate(&ncc).unwrap();
+    let v = validate(&ncc, &Policy::default()).unwrap();
     assert_eq!((v.host_bytes, v.staging_bytes), (1 << 30, 256 << 20));
-    let r = build(&ncc, &v);
+    let r = build(&ncc, &v, &Policy::default());
     let ds = &r.daemon_set;
     assert_eq!(ds.metadata.name.as_deref(), Some("cache-agent"));
     assert_eq!(ds.metadata.namespace.as_deref(), Some("inference"));
@@ -107,8 +113,7 @@ fn minimal_spec_gets_gpu_nodes_defaults_and_a_locked_down_pod() {
 #[test]
 fn full_spec_is_carried_into_the_pod() {
     let ncc = fixture("full.yaml");
-    let v = validate(&ncc).unwrap();
-    let r = build(&ncc, &v);
+    let r = built(&ncc);
     let pod = r.daemon_set.spec.template.spec.as_ref().unwrap();
     let c = &pod.containers[0];
     assert_eq!(
@@ -172,8 +177,7 @@ fn the_generated_agent_config_is_accepted_by_the_agent() {
         ("full.yaml", 8 << 30, true),
     ] {
         let ncc = fixture(name);
-        let v = validate(&ncc).unwrap();
-        let r = build(&ncc, &v);
+        let r = built(&ncc);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.yaml");
         std::fs::write(&path, &r.config_map.data.as_ref().unwrap()["agent.yaml"]).unwrap();
@@ -205,13 +209,123 @@ fn invalid_specs_are_refused_with_the_field_named() {
         ("socketDir: run/nencache", "absolute"),
     ];
     for (spec, needle) in cases {
-        let err = validate(&with_spec(spec)).unwrap_err();
+        let err = validate(&with_spec(spec), &Policy::default()).unwrap_err();
         assert!(err.to_string().contains(needle), "{spec}: {err}");
     }
     assert!(matches!(
-        validate(&with_spec("tiers: {gpu: {size: 4Gi}}")),
+        validate(&with_spec("tiers: {gpu: {size: 4Gi}}"), &Policy::default()),
         Err(SpecError::Unsupported(_))
     ));
+}
+
+#[test]
+fn host_paths_must_be_normalized_and_inside_the_allowed_prefixes() {
+    let policy = Policy::default();
+    let check = |dir: &str| validate(&with_spec(&format!("socketDir: {dir:?}")), &policy);
+    for ok in [
+        "/run/nencache",
+        "/run/nencache/team-a",
+        "/var/lib/nencache",
+        "/var/lib/nencache/a/b_c.d",
+    ] {
+        assert!(check(ok).is_ok(), "{ok}: {:?}", check(ok));
+    }
+    for (bad, why) in [
+        ("/etc", "outside"),
+        ("/", "root"),
+        ("/run", "outside"),
+        ("/run/nencachex", "outside"),
+        ("/var/lib/kubelet", "outside"),
+        ("/run/nencache/../../etc", "\"..\""),
+        ("/run/nencache/./a", "\".\""),
+        ("/run/nencache//a", "empty component"),
+        ("/run/nencache/", "trailing"),
+        ("/run/nencache/a b", "characters"),
+        ("/run/nencache/a\nhost: {}", "characters"),
+        ("run/nencache", "absolute"),
+    ] {
+        let err = check(bad).unwrap_err();
+        assert!(matches!(err, SpecError::HostPath { .. }), "{bad}: {err}");
+        let msg = err.to_string();
+        // The field, what is wrong, and what is allowed.
+        assert!(msg.starts_with("socketDir: "), "{bad}: {msg}");
+        assert!(msg.contains(why), "{bad}: {msg}");
+        assert!(
+            msg.contains("/run/nencache, /var/lib/nencache"),
+            "{bad}: {msg}"
+        );
+    }
+    let long = format!("/run/nencache/{}", "x".repeat(80));
+    assert!(
+        matches!(check(&long), Err(SpecError::SocketDirTooLong(_))),
+        "{:?}",
+        check(&long)
+    );
+
+    // The operator's own prefixes replace the defaults.
+    let custom = Policy::new(
+        ["/srv/cache".to_string()],
+        "helper:1".into(),
+        PullPolicy::IfNotPresent,
+    )
+    .unwrap();
+    let dir = |d: &str| with_spec(&format!("socketDir: {d}"));
+    assert!(validate(&dir("/srv/cache/x"), &custom).is_ok());
+    let err = validate(&dir("/run/nencache"), &custom).unwrap_err();
+    assert!(err.to_string().contains("/srv/cache"), "{err}");
+    // And must themselves be sound.
+    for bad in [
+        vec![],
+        vec!["/".to_string()],
+        vec!["relative".to_string()],
+        vec!["/srv/../etc".to_string()],
+        vec!["/srv/cache/".to_string()],
+    ] {
+        assert!(
+            Policy::new(bad.clone(), "h:1".into(), PullPolicy::Always).is_err(),
+            "{bad:?}"
+        );
+    }
+}
+
+#[test]
+fn the_privileged_helper_runs_the_operators_image_never_the_clusters() {
+    let ncc = fixture("full.yaml");
+    let policy = Policy::new(
+        ["/var/lib/nencache".to_string()],
+        "registry.internal/nencache-agent@sha256:abc".into(),
+        PullPolicy::Never,
+    )
+    .unwrap();
+    let r = build(&ncc, &validate(&ncc, &policy).unwrap(), &policy);
+    let pod = r.daemon_set.spec.template.spec.unwrap();
+    let init = &pod.init_containers.unwrap()[0];
+    assert_eq!(init.name, "prepare-socket-dir");
+    assert_eq!(
+        init.image.as_deref(),
+        Some("registry.internal/nencache-agent@sha256:abc")
+    );
+    assert_eq!(init.image_pull_policy.as_deref(), Some("Never"));
+    assert_eq!(
+        init.args.as_ref().unwrap().last().unwrap(),
+        "/var/lib/nencache/llama"
+    );
+    // The agent itself, unprivileged, runs the cluster's image.
+    assert_eq!(
+        pod.containers[0].image.as_deref(),
+        Some("registry.example.com/nencache-agent:1.2.3")
+    );
+    // By default the helper is the agent image of the operator's own version.
+    let init = &built(&ncc)
+        .daemon_set
+        .spec
+        .template
+        .spec
+        .unwrap()
+        .init_containers
+        .unwrap()[0];
+    assert_eq!(init.image.as_deref(), Some(DEFAULT_IMAGE));
+    assert_eq!(init.image_pull_policy.as_deref(), Some("IfNotPresent"));
 }
 
 #[test]

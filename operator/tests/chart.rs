@@ -51,6 +51,10 @@ const VALUE_SETS: &[(&str, &[&str])] = &[
             "operator.priorityClassName=system-cluster-critical",
             "webhook.failurePolicy=Fail",
             "webhook.excludeNamespaces={kube-system,monitoring}",
+            "agents.hostPathPrefixes={/srv/nencache,/run/nencache}",
+            "agents.helperImage.repository=registry.internal/nencache-agent",
+            "agents.helperImage.tag=1.2.3",
+            "agents.helperImage.pullPolicy=Always",
         ],
     ),
 ];
@@ -253,6 +257,68 @@ fn the_chart_and_the_operator_binary_agree() {
     let sc = &deploy["spec"]["template"]["spec"]["containers"][0]["securityContext"];
     assert_eq!(sc["privileged"], false);
     assert_eq!(sc["capabilities"]["drop"][0], "ALL");
+
+    // What clusters may ask of the nodes, and the privileged helper, are the operator's: by
+    // default the binary's own defaults (the agent image of the chart's version).
+    assert_eq!(
+        value("NENCACHE_OPERATOR_HOST_PATH_PREFIXES"),
+        nencache_operator::build::DEFAULT_HOST_PATH_PREFIXES.join(",")
+    );
+    assert_eq!(
+        value("NENCACHE_OPERATOR_HELPER_IMAGE"),
+        nencache_operator::crd::DEFAULT_IMAGE
+    );
+    assert_eq!(
+        value("NENCACHE_OPERATOR_HELPER_IMAGE_PULL_POLICY"),
+        "IfNotPresent"
+    );
+}
+
+#[test]
+fn host_path_prefixes_and_the_helper_image_are_set_through_the_chart() {
+    let Some(helm) = tools::helm() else { return };
+    let objs = render(
+        &helm,
+        &[
+            "agents.hostPathPrefixes={/srv/nencache,/mnt/fast/nencache}",
+            "agents.helperImage.repository=registry.internal/nencache-agent",
+            "agents.helperImage.tag=1.2.3",
+            "agents.helperImage.pullPolicy=Never",
+        ],
+    );
+    let env = env_of(find(&objs, "Deployment").unwrap());
+    let value = |k: &str| env.iter().find(|(n, _)| n == k).unwrap().1.clone();
+    assert_eq!(
+        value("NENCACHE_OPERATOR_HOST_PATH_PREFIXES"),
+        "/srv/nencache,/mnt/fast/nencache"
+    );
+    assert_eq!(
+        value("NENCACHE_OPERATOR_HELPER_IMAGE"),
+        "registry.internal/nencache-agent:1.2.3"
+    );
+    assert_eq!(value("NENCACHE_OPERATOR_HELPER_IMAGE_PULL_POLICY"), "Never");
+    // The operator accepts what the chart passes: it parses its flags and gets as far as
+    // looking for a cluster (none in this kubeconfig).
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_nencache-operator"))
+        .env("KUBECONFIG", dir.path().join("none"))
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .envs(
+            env.iter()
+                .filter(|(n, _)| {
+                    n.starts_with("NENCACHE_OPERATOR_HELPER") || n.ends_with("PREFIXES")
+                })
+                .map(|(n, v)| (n, v)),
+        )
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        log.contains("/mnt/fast/nencache")
+            && log.contains("registry.internal/nencache-agent:1.2.3"),
+        "{log}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -270,6 +336,15 @@ fn the_chart_carries_the_generated_crd_and_rejects_bad_values() {
         "operator.image.pullPolicy=Often",
         "cluster.name=Not_A_Name",
         "surprise=1",
+        "agents.hostPathPrefixes={relative/path}",
+        "agents.hostPathPrefixes={/}",
+        "agents.hostPathPrefixes={/run/nencache/../../etc}",
+        "agents.hostPathPrefixes={/run/./nencache}",
+        "agents.hostPathPrefixes={/run/nencache/}",
+        "agents.hostPathPrefixes={/run//nencache}",
+        "agents.hostPathPrefixes={}",
+        "agents.helperImage.repository=",
+        "agents.helperImage.pullPolicy=Sometimes",
     ] {
         let args = ["template", "nencache", CHART, "--set", bad];
         let (ok, out) = run(&helm, &args);

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use common::tools;
 use kube::CustomResourceExt;
 use nencache_operator::{
-    build::{build, validate},
+    build::{Policy, build, validate},
     crd::NenCacheCluster,
 };
 
@@ -38,7 +38,8 @@ fn generated_manifests_pass_strict_kubernetes_validation() {
         let path = format!("{}/tests/fixtures/{fixture}", env!("CARGO_MANIFEST_DIR"));
         let ncc: NenCacheCluster =
             serde_yaml_ng::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-        let r = build(&ncc, &validate(&ncc).unwrap());
+        let policy = Policy::default();
+        let r = build(&ncc, &validate(&ncc, &policy).unwrap(), &policy);
         write(
             format!("{fixture}-cm.yaml"),
             serde_yaml_ng::to_string(&r.config_map).unwrap(),

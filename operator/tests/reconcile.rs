@@ -10,6 +10,7 @@ use std::sync::Arc;
 use http::{Request, Response, StatusCode};
 use kube::{Client, client::Body, runtime::events::Reporter};
 use nencache_operator::{
+    build::Policy,
     crd::NenCacheCluster,
     reconcile::{Context, reconcile, transitions},
 };
@@ -115,6 +116,7 @@ fn mock() -> (Arc<Context>, Mock) {
                 controller: "nencache-operator".into(),
                 instance: Some("op-0".into()),
             },
+            Policy::default(),
         )),
         handle,
     )
@@ -373,4 +375,34 @@ async fn a_cluster_deleted_mid_reconcile_ends_it_quietly() {
         .unwrap()
         .unwrap();
     assert_eq!(action, kube::runtime::controller::Action::await_change());
+}
+
+const STATUS: &str = "/apis/nencache.io/v1alpha1/namespaces/ml/nencacheclusters/cache/status";
+
+#[tokio::test]
+async fn a_socket_dir_outside_the_allowed_host_paths_is_refused_before_anything_is_applied() {
+    let (ctx, mut h) = mock();
+    let spec = json!({"socketDir": "/etc"});
+    let task = tokio::spawn(reconcile(Arc::new(cluster(spec.clone())), ctx));
+    // The first request is the status: no DaemonSet (and so no hostPath) was applied.
+    let patch = expect_apply(&mut h, STATUS, StatusCode::OK, |_| {
+        serde_json::to_value(cluster(spec)).unwrap()
+    })
+    .await;
+    let status = &patch["status"];
+    assert_eq!(
+        condition(status, "ConfigValid"),
+        ("False".into(), "InvalidSpec".into())
+    );
+    let msg = status["conditions"][0]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("socketDir")
+            && msg.contains("\"/etc\"")
+            && msg.contains("/run/nencache, /var/lib/nencache"),
+        "{msg}"
+    );
+    let (kind, reason, note) = expect_event(&mut h).await;
+    assert_eq!((kind.as_str(), reason.as_str()), ("Warning", "InvalidSpec"));
+    assert_eq!(note, msg);
+    task.await.unwrap().unwrap();
 }

@@ -7,7 +7,7 @@
 use base64::Engine;
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::admission::AdmissionReview;
-use nencache_operator::{crd::NenCacheCluster, webhook::mutate};
+use nencache_operator::{build::Policy, crd::NenCacheCluster, webhook::mutate};
 use serde_json::{Value, json};
 
 fn cluster(ns: &str, name: &str, socket_dir: &str) -> NenCacheCluster {
@@ -35,6 +35,11 @@ fn vllm() -> Value {
 
 /// Runs a review for `pod` and returns the pod after the answered patch, if there was one.
 fn admit(pod: &Value, clusters: &[NenCacheCluster]) -> Option<Value> {
+    admit_with(pod, clusters, &Policy::default())
+}
+
+/// As [`admit`], under `policy`.
+fn admit_with(pod: &Value, clusters: &[NenCacheCluster], policy: &Policy) -> Option<Value> {
     let review: AdmissionReview<Pod> = serde_json::from_value(json!({
         "apiVersion": "admission.k8s.io/v1",
         "kind": "AdmissionReview",
@@ -50,7 +55,7 @@ fn admit(pod: &Value, clusters: &[NenCacheCluster]) -> Option<Value> {
         },
     }))
     .unwrap();
-    let out = mutate(review, clusters);
+    let out = mutate(review, clusters, policy);
     let resp = &out["response"];
     assert_eq!(resp["allowed"], json!(true), "{out}");
     assert_eq!(resp["uid"], json!("705ab4f5-6393-11e8-b7cc-42010a800002"));
@@ -77,7 +82,7 @@ fn unlabelled_pods_are_left_alone() {
 
 #[test]
 fn labelled_pods_get_the_socket_in_every_container_once() {
-    let clusters = [cluster("cache", "a", "/run/nencache/")];
+    let clusters = [cluster("cache", "a", "/run/nencache")];
     let p = pod(json!({"nencache.io/inject": "true"}), json!({}), vllm());
     let out = admit(&p, &clusters).unwrap();
     let vols = out["spec"]["volumes"].as_array().unwrap();
@@ -125,8 +130,8 @@ fn skip_reasons_are_recorded() {
     };
     assert!(reason(admit(&labelled, &[]).unwrap()).contains("no NenCacheCluster"));
     let two = [
-        cluster("cache", "a", "/run/a"),
-        cluster("cache", "b", "/run/b"),
+        cluster("cache", "a", "/run/nencache/a"),
+        cluster("cache", "b", "/run/nencache/b"),
     ];
     let out = admit(&labelled, &two).unwrap();
     assert!(reason(out.clone()).contains("nencache.io/cluster"), "{out}");
@@ -145,8 +150,8 @@ fn skip_reasons_are_recorded() {
 #[test]
 fn the_annotation_picks_one_of_several_clusters() {
     let two = [
-        cluster("cache", "a", "/run/a"),
-        cluster("cache", "b", "/run/b"),
+        cluster("cache", "a", "/run/nencache/a"),
+        cluster("cache", "b", "/run/nencache/b"),
     ];
     let p = pod(
         json!({"nencache.io/inject": "true"}),
@@ -156,12 +161,12 @@ fn the_annotation_picks_one_of_several_clusters() {
     let out = admit(&p, &two).unwrap();
     assert_eq!(
         out["spec"]["volumes"][0]["hostPath"]["path"],
-        json!("/run/b")
+        json!("/run/nencache/b")
     );
     // A bare name means a cluster in the pod's own namespace.
     let local = [
-        cluster("serving", "near", "/run/near"),
-        cluster("cache", "a", "/run/a"),
+        cluster("serving", "near", "/run/nencache/near"),
+        cluster("cache", "a", "/run/nencache/a"),
     ];
     let p = pod(
         json!({"nencache.io/inject": "true"}),
@@ -170,7 +175,7 @@ fn the_annotation_picks_one_of_several_clusters() {
     );
     assert_eq!(
         admit(&p, &local).unwrap()["spec"]["volumes"][0]["hostPath"]["path"],
-        json!("/run/near")
+        json!("/run/nencache/near")
     );
 }
 
@@ -301,11 +306,14 @@ fn a_pod_without_a_namespace_of_its_own_uses_the_requests() {
     );
     p["metadata"].as_object_mut().unwrap().remove("namespace");
     let clusters = [
-        cluster("serving", "near", "/run/near"),
-        cluster("cache", "a", "/run/a"),
+        cluster("serving", "near", "/run/nencache/near"),
+        cluster("cache", "a", "/run/nencache/a"),
     ];
     let out = admit(&p, &clusters).unwrap();
-    assert_eq!(out["spec"]["volumes"][0]["hostPath"]["path"], "/run/near");
+    assert_eq!(
+        out["spec"]["volumes"][0]["hostPath"]["path"],
+        "/run/nencache/near"
+    );
 }
 
 #[test]
@@ -317,4 +325,46 @@ fn a_container_that_mounts_the_socket_path_itself_keeps_its_mount() {
     let c = &out["spec"]["containers"][0];
     assert_eq!(c["volumeMounts"].as_array().unwrap().len(), 1, "{c}");
     assert_eq!(c["env"][0]["name"], "NENCACHE_SOCKET");
+}
+
+#[test]
+fn a_cluster_whose_socket_dir_the_operator_does_not_allow_is_never_injected() {
+    let labelled = pod(json!({"nencache.io/inject": "true"}), json!({}), vllm());
+    for dir in [
+        "/etc",
+        "/run/nencache/../../etc",
+        "/var/lib/kubelet",
+        "/run/nencache/",
+    ] {
+        let out = admit(&labelled, &[cluster("cache", "evil", dir)]).unwrap();
+        assert!(out["spec"].get("volumes").is_none(), "{dir}: {out}");
+        let reason = out["metadata"]["annotations"]["nencache.io/skip-reason"]
+            .as_str()
+            .unwrap();
+        assert!(
+            reason.contains("cache/evil")
+                && reason.contains("socketDir")
+                && reason.contains("/run/nencache, /var/lib/nencache"),
+            "{dir}: {reason}"
+        );
+    }
+    // The prefixes are the operator's to set.
+    let policy = Policy::new(
+        ["/srv/cache".to_string()],
+        "helper:1".into(),
+        nencache_operator::crd::PullPolicy::IfNotPresent,
+    )
+    .unwrap();
+    let out = admit_with(&labelled, &[cluster("cache", "a", "/srv/cache/a")], &policy).unwrap();
+    assert_eq!(
+        out["spec"]["volumes"][0]["hostPath"]["path"],
+        "/srv/cache/a"
+    );
+    let out = admit_with(
+        &labelled,
+        &[cluster("cache", "a", "/run/nencache")],
+        &policy,
+    )
+    .unwrap();
+    assert!(out["spec"].get("volumes").is_none(), "{out}");
 }

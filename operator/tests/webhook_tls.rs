@@ -24,6 +24,7 @@ use kube::{
     runtime::{reflector::store::Writer, watcher},
 };
 use nencache_operator::{
+    build::Policy,
     certs::{self, Bundle, CertSettings, NOT_AFTER_ANNOTATION},
     crd::NenCacheCluster,
     https::{CertStore, serve},
@@ -55,7 +56,7 @@ async fn start(bundle: &Bundle) -> (std::net::SocketAddr, Arc<CertStore>) {
     tokio::spawn(serve(
         listener,
         config,
-        webhook::router(w.as_reader()),
+        webhook::router(w.as_reader(), Policy::default()),
         std::future::pending(),
     ));
     (addr, store)

@@ -23,6 +23,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- printf "%s:%s" .Values.operator.image.repository (default .Chart.AppVersion .Values.operator.image.tag) -}}
 {{- end -}}
 
+{{- define "nencache.helperImage" -}}
+{{- printf "%s:%s" .Values.agents.helperImage.repository (default .Chart.AppVersion .Values.agents.helperImage.tag) -}}
+{{- end -}}
+
 {{- define "nencache.webhookService" -}}
 {{- printf "%s-webhook" (include "nencache.fullname" .) -}}
 {{- end -}}

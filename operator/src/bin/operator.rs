@@ -15,9 +15,10 @@ use kube::{
     runtime::{WatchStreamExt, events::Reporter, reflector, watcher},
 };
 use nencache_operator::{
+    build::Policy,
     certs::{self, CertSettings},
     controller::{Observed, admin_router, run},
-    crd::NenCacheCluster,
+    crd::{DEFAULT_IMAGE, NenCacheCluster, PullPolicy},
     https::{self, CertStore},
     leader::{Elector, LeaseSettings},
     webhook,
@@ -89,6 +90,36 @@ struct Args {
         default_value = "nencache-operator"
     )]
     lease_name: String,
+    /// Host directories a NenCacheCluster's socketDir may be in (or be), comma-separated;
+    /// clusters asking for anything else are refused (ConfigValid=False) and not injected.
+    #[arg(
+        long,
+        env = "NENCACHE_OPERATOR_HOST_PATH_PREFIXES",
+        value_delimiter = ',',
+        default_value = "/run/nencache,/var/lib/nencache"
+    )]
+    host_path_prefixes: Vec<String>,
+    /// Image of the privileged helper (the agents' init container that hands the socket
+    /// directory to the agent's user); never a cluster's own image.
+    #[arg(long, env = "NENCACHE_OPERATOR_HELPER_IMAGE", default_value = DEFAULT_IMAGE)]
+    helper_image: String,
+    /// Pull policy of the helper image: IfNotPresent, Always or Never.
+    #[arg(
+        long,
+        env = "NENCACHE_OPERATOR_HELPER_IMAGE_PULL_POLICY",
+        default_value = "IfNotPresent",
+        value_parser = parse_pull_policy
+    )]
+    helper_image_pull_policy: PullPolicy,
+}
+
+fn parse_pull_policy(s: &str) -> Result<PullPolicy, String> {
+    match s {
+        "IfNotPresent" => Ok(PullPolicy::IfNotPresent),
+        "Always" => Ok(PullPolicy::Always),
+        "Never" => Ok(PullPolicy::Never),
+        _ => Err(format!("{s:?} is not IfNotPresent, Always or Never")),
+    }
 }
 
 /// Resolves once `rx` turns true.
@@ -113,6 +144,7 @@ async fn signal() {
 async fn start_webhook(
     args: &Args,
     client: &Client,
+    policy: &Policy,
     stop: &watch::Receiver<bool>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &args.namespace);
@@ -156,7 +188,7 @@ async fn start_webhook(
     let server = tokio::spawn(https::serve(
         listener,
         config,
-        webhook::router(reader),
+        webhook::router(reader, policy.clone()),
         stopped(stop.clone()),
     ));
 
@@ -199,6 +231,17 @@ async fn main() -> anyhow::Result<()> {
         .json()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log_level)?)
         .init();
+    let policy = Policy::new(
+        args.host_path_prefixes.iter().map(|p| p.trim().to_string()),
+        args.helper_image.clone(),
+        args.helper_image_pull_policy,
+    )
+    .map_err(|e| anyhow::anyhow!("invalid --host-path-prefixes or --helper-image: {e}"))?;
+    tracing::info!(
+        host_path_prefixes = ?policy.host_path_prefixes(),
+        helper_image = %policy.helper_image,
+        "policy"
+    );
     let client = Client::try_default().await?;
     let identity = args.pod_name.clone().unwrap_or_else(|| {
         std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -220,7 +263,7 @@ async fn main() -> anyhow::Result<()> {
             .into_future(),
     );
     let webhook = if args.webhook {
-        Some(start_webhook(&args, &client, &stop_rx).await?)
+        Some(start_webhook(&args, &client, &policy, &stop_rx).await?)
     } else {
         None
     };
@@ -233,6 +276,7 @@ async fn main() -> anyhow::Result<()> {
     let controller = run(
         client.clone(),
         reporter,
+        policy,
         observed.clone(),
         stopped(stop_rx.clone()),
     );
