@@ -298,24 +298,37 @@ async fn apply_all(
     Ok(ds)
 }
 
-fn condition(
-    type_: &str,
-    ok: bool,
-    reason: &str,
-    message: String,
+/// Builds the conditions of a status. A condition keeps the `lastTransitionTime` of the one
+/// of its type in `old` when its status is the same (as Kubernetes' `meta.SetStatusCondition`
+/// does), so an unchanged status is written unchanged and does not wake the controller again.
+struct Conditions<'a> {
+    old: &'a [Condition],
+    now: Timestamp,
     generation: Option<i64>,
-) -> Condition {
-    Condition {
-        type_: type_.into(),
-        status: if ok { "True" } else { "False" }.into(),
-        reason: reason.into(),
-        message,
-        observed_generation: generation,
-        last_transition_time: Time(Timestamp::now()),
+    out: Vec<Condition>,
+}
+
+impl Conditions<'_> {
+    fn push(&mut self, type_: &str, ok: bool, reason: &str, message: String) {
+        let status = if ok { "True" } else { "False" };
+        let since = self
+            .old
+            .iter()
+            .find(|c| c.type_ == type_ && c.status == status)
+            .map_or(self.now, |c| c.last_transition_time.0);
+        self.out.push(Condition {
+            type_: type_.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message,
+            observed_generation: self.generation,
+            last_transition_time: Time(since),
+        });
     }
 }
 
-/// The status of `ncc` given the validation outcome and its applied DaemonSet.
+/// The status of `ncc` given the validation outcome and its applied DaemonSet; conditions
+/// whose status did not change since `ncc.status` keep their `lastTransitionTime`.
 #[must_use]
 pub fn status_of(
     ncc: &NenCacheCluster,
@@ -334,19 +347,18 @@ pub fn status_of(
         (Some(g), Some(o)) => o >= g,
         _ => false,
     };
-    let mut conditions = Vec::with_capacity(4);
+    let mut c = Conditions {
+        old: ncc.status.as_ref().map_or(&[], |s| s.conditions.as_slice()),
+        now: Timestamp::now(),
+        generation,
+        out: Vec::with_capacity(4),
+    };
     match validated {
         Ok(()) => {
-            conditions.push(condition(
-                "ConfigValid",
-                true,
-                "Valid",
-                "spec is valid".into(),
-                generation,
-            ));
+            c.push("ConfigValid", true, "Valid", "spec is valid".into());
             let rolled = ds_current && updated == desired;
             let all_ready = rolled && ready == desired;
-            conditions.push(condition(
+            c.push(
                 "Ready",
                 all_ready,
                 if all_ready {
@@ -355,9 +367,8 @@ pub fn status_of(
                     "AgentsNotReady"
                 },
                 format!("{ready} of {desired} agents ready"),
-                generation,
-            ));
-            conditions.push(condition(
+            );
+            c.push(
                 "Progressing",
                 !rolled,
                 if rolled {
@@ -366,10 +377,9 @@ pub fn status_of(
                     "RollingOut"
                 },
                 format!("{updated} of {desired} agents run the current spec"),
-                generation,
-            ));
+            );
             let degraded = rolled && ready < desired;
-            conditions.push(condition(
+            c.push(
                 "Degraded",
                 degraded,
                 if degraded {
@@ -378,26 +388,14 @@ pub fn status_of(
                     "AsExpected"
                 },
                 format!("{} agents unavailable", desired - ready),
-                generation,
-            ));
+            );
         }
         Err(e) => {
-            conditions.push(condition(
-                "ConfigValid",
-                false,
-                "InvalidSpec",
-                e.to_string(),
-                generation,
-            ));
-            conditions.push(condition(
-                "Ready",
-                false,
-                "InvalidSpec",
-                "spec is invalid".into(),
-                generation,
-            ));
+            c.push("ConfigValid", false, "InvalidSpec", e.to_string());
+            c.push("Ready", false, "InvalidSpec", "spec is invalid".into());
         }
     }
+    let conditions = c.out;
     NenCacheClusterStatus {
         observed_generation: generation,
         desired,

@@ -379,6 +379,113 @@ async fn a_cluster_deleted_mid_reconcile_ends_it_quietly() {
 
 const STATUS: &str = "/apis/nencache.io/v1alpha1/namespaces/ml/nencacheclusters/cache/status";
 
+/// Runs one reconcile of `ncc` to the end, answering every request as a healthy API server
+/// would, with a DaemonSet whose 3 agents are rolled out and 2 ready; returns the status
+/// written and the reasons of the Events published.
+async fn reconcile_once(ncc: NenCacheCluster) -> (Value, Vec<String>) {
+    let (ctx, mut h) = mock();
+    let mut task = tokio::spawn(reconcile(Arc::new(ncc.clone()), ctx));
+    let base = "/api/v1/namespaces/ml";
+    for path in [
+        format!("{base}/serviceaccounts/cache-agent"),
+        format!("{base}/configmaps/cache-agent-config"),
+        format!("{base}/services/cache-agent"),
+    ] {
+        expect_apply(&mut h, &path, StatusCode::OK, |b| b).await;
+    }
+    let ds_path = "/apis/apps/v1/namespaces/ml/daemonsets/cache-agent";
+    expect_apply(&mut h, ds_path, StatusCode::OK, |mut b| {
+        b["metadata"]["generation"] = json!(2);
+        b["status"] = json!({
+            "desiredNumberScheduled": 3, "numberReady": 2, "updatedNumberScheduled": 3,
+            "currentNumberScheduled": 3, "numberMisscheduled": 0, "observedGeneration": 2,
+        });
+        b
+    })
+    .await;
+    expect(
+        &mut h,
+        http::Method::DELETE,
+        SERVICE_MONITOR,
+        StatusCode::NOT_FOUND,
+        not_found(),
+    )
+    .await;
+    let patch = expect_apply(&mut h, STATUS, StatusCode::OK, |_| {
+        serde_json::to_value(&ncc).unwrap()
+    })
+    .await;
+    let mut events = Vec::new();
+    loop {
+        // The task first: once it has ended, the mock has no more requests to give.
+        tokio::select! {
+            biased;
+            done = &mut task => {
+                done.unwrap().unwrap();
+                break;
+            }
+            () = async { events.push(expect_event(&mut h).await.1) } => {}
+        }
+    }
+    (patch["status"].clone(), events)
+}
+
+fn transition_time(status: &Value, type_: &str) -> String {
+    status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == type_)
+        .unwrap()["lastTransitionTime"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test]
+async fn a_condition_keeps_its_transition_time_until_its_status_changes() {
+    // Before: valid, not ready, still rolling out, degraded; all since New Year.
+    let ncc = with_status(
+        4,
+        &[
+            ("ConfigValid", "True"),
+            ("Ready", "False"),
+            ("Progressing", "True"),
+            ("Degraded", "True"),
+        ],
+    );
+    let (status, _) = reconcile_once(ncc).await;
+    // Now the rollout is complete (Progressing turns False); nothing else changed status.
+    assert_eq!(condition(&status, "Progressing").0, "False");
+    for unchanged in ["ConfigValid", "Ready", "Degraded"] {
+        assert_eq!(
+            transition_time(&status, unchanged),
+            "2026-01-01T00:00:00Z",
+            "{unchanged}: {status}"
+        );
+    }
+    assert_ne!(
+        transition_time(&status, "Progressing"),
+        "2026-01-01T00:00:00Z",
+        "{status}"
+    );
+}
+
+#[tokio::test]
+async fn reconciling_an_unchanged_cluster_writes_the_same_status() {
+    let (first, events) = reconcile_once(cluster(json!({}))).await;
+    assert_eq!(events, ["Applied"]);
+    // The status write wakes the controller; by then the clock has moved on.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let mut again = cluster(json!({}));
+    again.status = Some(serde_json::from_value(first.clone()).unwrap());
+    let (second, events) = reconcile_once(again).await;
+    // Byte for byte the same apply: the API server makes it a no-op (no new resourceVersion,
+    // no watch event), so the controller is not woken again.
+    assert_eq!(second, first);
+    assert_eq!(events, Vec::<String>::new(), "no transition, no event");
+}
+
 #[tokio::test]
 async fn a_socket_dir_outside_the_allowed_host_paths_is_refused_before_anything_is_applied() {
     let (ctx, mut h) = mock();
