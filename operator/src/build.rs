@@ -36,6 +36,9 @@ pub const FIELD_MANAGER: &str = "nencache-operator";
 pub const CONFIG_PATH: &str = "/etc/nencache/agent.yaml";
 /// User the agent runs as.
 pub const AGENT_UID: i64 = 65532;
+/// Annotation on the agents' pod template holding a hash of their configuration, so that a
+/// change of the configuration rolls the agents.
+pub const CONFIG_HASH_ANNOTATION: &str = "nencache.io/config-hash";
 /// Host directories a cluster's host paths may be in unless the operator is told otherwise.
 pub const DEFAULT_HOST_PATH_PREFIXES: &[&str] = &["/run/nencache", "/var/lib/nencache"];
 /// Longest socket directory: the agent's attach socket (`<dir>/agent.sock.attach`) must fit in
@@ -381,17 +384,40 @@ fn owner(ncc: &NenCacheCluster) -> Option<OwnerReference> {
     ncc.controller_owner_ref(&())
 }
 
+/// A hash (SHA-256, hex) of a ConfigMap's data, for [`CONFIG_HASH_ANNOTATION`].
+#[must_use]
+pub fn config_hash(data: &BTreeMap<String, String>) -> String {
+    use std::fmt::Write as _;
+    use tokio_rustls::rustls::{SupportedCipherSuite, crypto::ring::cipher_suite};
+    // Keys in order, each entry length-prefixed, so distinct maps never hash the same input.
+    let mut input = Vec::new();
+    for (k, v) in data {
+        for part in [k, v] {
+            input.extend_from_slice(&(part.len() as u64).to_be_bytes());
+            input.extend_from_slice(part.as_bytes());
+        }
+    }
+    // ring's SHA-256, reached through rustls (already the webhook's TLS provider).
+    let SupportedCipherSuite::Tls13(suite) = cipher_suite::TLS13_AES_128_GCM_SHA256 else {
+        unreachable!("a TLS 1.3 cipher suite")
+    };
+    let digest = suite.common.hash_provider.hash(&input);
+    digest.as_ref().iter().fold(String::new(), |mut out, b| {
+        let _ = write!(out, "{b:02x}");
+        out
+    })
+}
+
 /// Builds every object of the cluster; privileged helpers run what `policy` says.
 #[must_use]
 pub fn build(ncc: &NenCacheCluster, v: &Validated, policy: &Policy) -> Resources {
     let name = ncc.name_any();
     let agent = agent_name(&name);
+    let data = BTreeMap::from([("agent.yaml".to_string(), agent_config(ncc, v))]);
+    let hash = config_hash(&data);
     let config_map = ConfigMap {
         metadata: meta(ncc, format!("{agent}-config")),
-        data: Some(BTreeMap::from([(
-            "agent.yaml".into(),
-            agent_config(ncc, v),
-        )])),
+        data: Some(data),
         ..ConfigMap::default()
     };
     // The agent never calls the API server: its identity carries no token and no RBAC.
@@ -431,7 +457,7 @@ pub fn build(ncc: &NenCacheCluster, v: &Validated, policy: &Policy) -> Resources
                     ..RollingUpdateDaemonSet::default()
                 }),
             }),
-            template: pod_template(ncc, v, policy, &agent),
+            template: pod_template(ncc, v, policy, &agent, hash),
             ..DaemonSetSpec::default()
         },
         ..DaemonSet::default()
@@ -483,6 +509,7 @@ fn pod_template(
     v: &Validated,
     policy: &Policy,
     agent: &str,
+    config_hash: String,
 ) -> PodTemplateSpec {
     let s = &ncc.spec;
     let port = i32::from(s.metrics.port);
@@ -582,6 +609,10 @@ fn pod_template(
     PodTemplateSpec {
         metadata: Some(ObjectMeta {
             labels: Some(labels(&ncc.name_any())),
+            annotations: Some(BTreeMap::from([(
+                CONFIG_HASH_ANNOTATION.into(),
+                config_hash,
+            )])),
             ..ObjectMeta::default()
         }),
         spec: Some(PodSpec {

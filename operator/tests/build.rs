@@ -7,7 +7,7 @@
 use kube::CustomResourceExt;
 use nencache_agent::config::ServeArgs;
 use nencache_operator::{
-    build::{Policy, Resources, SpecError, build, validate},
+    build::{CONFIG_HASH_ANNOTATION, Policy, Resources, SpecError, build, config_hash, validate},
     crd::{DEFAULT_IMAGE, NenCacheCluster, PullPolicy},
 };
 
@@ -326,6 +326,52 @@ fn the_privileged_helper_runs_the_operators_image_never_the_clusters() {
         .unwrap()[0];
     assert_eq!(init.image.as_deref(), Some(DEFAULT_IMAGE));
     assert_eq!(init.image_pull_policy.as_deref(), Some("IfNotPresent"));
+}
+
+#[test]
+fn a_change_of_the_agent_configuration_changes_the_pod_template() {
+    let hash_of = |r: &Resources| {
+        r.daemon_set
+            .spec
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .annotations
+            .as_ref()
+            .unwrap()[CONFIG_HASH_ANNOTATION]
+            .clone()
+    };
+    let base = built(&with_spec("{}"));
+    let h = hash_of(&base);
+    assert_eq!(h, config_hash(base.config_map.data.as_ref().unwrap()));
+    assert_eq!(h.len(), 64, "{h}");
+    assert!(h.chars().all(|c| c.is_ascii_hexdigit()), "{h}");
+    assert_eq!(hash_of(&built(&with_spec("{}"))), h, "stable");
+    for changed in [
+        "logLevel: debug",
+        "tiers: {host: {size: 2Gi}}",
+        "metrics: {port: 9999}",
+        "socketDir: /run/nencache/b",
+    ] {
+        let r = built(&with_spec(changed));
+        assert_ne!(
+            r.config_map.data, base.config_map.data,
+            "{changed} changes the configuration"
+        );
+        assert_ne!(hash_of(&r), h, "{changed}");
+    }
+    // Not part of the agent's configuration: the hash stays (the template changes anyway).
+    let tolerated = built(&with_spec("tolerations: [{key: a, operator: Exists}]"));
+    assert_eq!(hash_of(&tolerated), h);
+    // The key/value boundaries count.
+    let split = |k: &str, v: &str| {
+        config_hash(&std::collections::BTreeMap::from([(
+            k.to_string(),
+            v.to_string(),
+        )]))
+    };
+    assert_ne!(split("ab", "c"), split("a", "bc"));
 }
 
 #[test]
