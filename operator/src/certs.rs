@@ -7,7 +7,9 @@
 //! at the read `resourceVersion`); a replica that loses that race reads the winner's. A
 //! renewal keeps the previous CA in the bundle, so certificates other replicas still serve
 //! stay trusted until they reload. [`patch_ca_bundle`] writes the bundle into the webhook
-//! configuration's `clientConfig.caBundle`.
+//! configuration's `clientConfig.caBundle`. [`refresh`], run periodically, does both in the
+//! order that keeps the API server trusting what is served: the CA bundle (new and old CA)
+//! first, and only then the new serving certificate.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -96,6 +98,9 @@ pub enum CertError {
     /// Other replicas kept replacing the Secret.
     #[error("the webhook certificate Secret kept changing under us")]
     Contended,
+    /// The new serving certificate could not be loaded.
+    #[error(transparent)]
+    Serve(#[from] crate::https::TlsError),
 }
 
 /// A serving certificate, its key and the CA bundle that verifies it.
@@ -339,4 +344,32 @@ pub async fn patch_ca_bundle(
         "CA bundle written to the webhook configuration"
     );
     Ok(true)
+}
+
+/// One periodic check of a serving replica: renews the bundle in the Secret `secret` when due
+/// (or picks up the one another replica issued), writes its CA bundle into the webhook
+/// configuration `config`, and only once that is written serves the new certificate from
+/// `store`. The bundle keeps the previous CA, so the API server trusts the certificates served
+/// before and after the swap; swapping first would leave it calling a certificate it does not
+/// trust yet. Returns the bundle served now.
+///
+/// # Errors
+/// A failed API call (nothing is swapped then; the next check retries), or a certificate the
+/// store cannot load (the current one stays).
+pub async fn refresh(
+    secrets: &Api<Secret>,
+    secret: &str,
+    configs: &Api<MutatingWebhookConfiguration>,
+    config: &str,
+    settings: &CertSettings,
+    serving: &Bundle,
+    store: &crate::https::CertStore,
+) -> Result<Bundle, CertError> {
+    let bundle = ensure(secrets, secret, settings, Some(serving)).await?;
+    patch_ca_bundle(configs, config, &bundle.ca_pem).await?;
+    if bundle != *serving {
+        store.set(&bundle.cert_pem, &bundle.key_pem)?;
+        tracing::info!(not_after = %bundle.not_after, "webhook certificate reloaded");
+    }
+    Ok(bundle)
 }

@@ -277,3 +277,104 @@ async fn the_ca_bundle_is_patched_into_stale_webhooks_only() {
     // Missing configuration: nothing to do, no error.
     assert!(!certs::patch_ca_bundle(&api, "absent", &ca).await.unwrap());
 }
+
+const CONFIG: &str = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/nencache";
+
+/// The CA bundle (PEM) in the webhook configuration, if written.
+fn ca_bundle_of(fake: &std::sync::Mutex<FakeApi>) -> Option<String> {
+    let config = fake.lock().unwrap().objects[CONFIG].clone();
+    let b64 = config["webhooks"][0]["clientConfig"]["caBundle"].as_str()?;
+    let pem = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap();
+    Some(String::from_utf8(pem).unwrap())
+}
+
+#[tokio::test]
+async fn a_renewed_certificate_is_served_only_once_the_api_server_trusts_it() {
+    let fake = FakeApi::shared();
+    fake.lock().unwrap().put(
+        CONFIG,
+        json!({
+            "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+            "metadata": {"name": "nencache"},
+            "webhooks": [{"name": "pods.nencache.io", "admissionReviewVersions": ["v1"], "sideEffects": "None",
+                "clientConfig": {"service": {"name": "nencache-webhook", "namespace": "nencache-system"}}}],
+        }),
+    );
+    let secrets: Api<Secret> = Api::namespaced(client(&fake, "nencache-system"), "nencache-system");
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(client(&fake, "default"));
+    let name = "nencache-webhook-tls";
+    // Serving, with the CA bundle written.
+    let first = certs::ensure(&secrets, name, &settings(), None)
+        .await
+        .unwrap();
+    certs::patch_ca_bundle(&configs, "nencache", &first.ca_pem)
+        .await
+        .unwrap();
+    let (addr, store) = start(&first).await;
+    let same = certs::refresh(
+        &secrets,
+        name,
+        &configs,
+        "nencache",
+        &settings(),
+        &first,
+        &store,
+    )
+    .await
+    .unwrap();
+    assert_eq!(same, first, "nothing due, nothing changed");
+
+    // Renewal is due, but the webhook configuration cannot be written: the API server would
+    // not trust the new certificate, so the old one stays served.
+    let mut due = settings();
+    due.renew_before = due.validity + std::time::Duration::from_secs(86_400);
+    fake.lock().unwrap().failing_paths.push(CONFIG.into());
+    let r = certs::refresh(&secrets, name, &configs, "nencache", &due, &first, &store).await;
+    assert!(r.is_err(), "{r:?}");
+    let trusted = ca_bundle_of(&fake).unwrap();
+    assert_eq!(trusted, first.ca_pem, "the bundle was not written");
+    assert_eq!(
+        health(addr, &trusted).await.unwrap(),
+        200,
+        "what is served is still what the API server trusts"
+    );
+    let renewed = Bundle::from_secret(
+        &serde_json::from_value(fake.lock().unwrap().objects[SECRET].clone()).unwrap(),
+    )
+    .unwrap();
+    assert_ne!(renewed, first, "the Secret was renewed");
+
+    // The next check writes the bundle (new and old CA) first, then serves the new pair.
+    fake.lock().unwrap().failing_paths.clear();
+    let now = certs::refresh(
+        &secrets,
+        name,
+        &configs,
+        "nencache",
+        &settings(),
+        &first,
+        &store,
+    )
+    .await
+    .unwrap();
+    assert_eq!(now, renewed);
+    let trusted = ca_bundle_of(&fake).unwrap();
+    assert_eq!(trusted, renewed.ca_pem);
+    assert_eq!(
+        trusted.matches("BEGIN CERTIFICATE").count(),
+        2,
+        "old CA kept"
+    );
+    assert_eq!(health(addr, &trusted).await.unwrap(), 200);
+    let new_ca_only = trusted
+        .split_inclusive("-----END CERTIFICATE-----")
+        .next()
+        .unwrap();
+    assert_eq!(
+        health(addr, new_ca_only).await.unwrap(),
+        200,
+        "the new certificate is served"
+    );
+}

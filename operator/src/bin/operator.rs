@@ -192,7 +192,8 @@ async fn start_webhook(
         stopped(stop.clone()),
     ));
 
-    // Renew before expiry and pick up certificates other replicas issued.
+    // Renew before expiry and pick up certificates other replicas issued: the CA bundle is
+    // written before the new certificate is served (see certs::refresh).
     let (name, config_name, mut current) = (
         args.webhook_secret.clone(),
         args.webhook_config.clone(),
@@ -205,19 +206,21 @@ async fn start_webhook(
                 _ = stop_renew.wait_for(|s| *s) => return,
                 () = tokio::time::sleep(Duration::from_secs(600)) => {}
             }
-            match certs::ensure(&secrets, &name, &settings, Some(&current)).await {
-                Ok(b) if b != current => match store.set(&b.cert_pem, &b.key_pem) {
-                    Ok(()) => {
-                        tracing::info!(not_after = %b.not_after, "webhook certificate reloaded");
-                        current = b;
-                    }
-                    Err(e) => tracing::warn!(error = %e, "reloading the webhook certificate"),
-                },
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "checking the webhook certificate"),
-            }
-            if let Err(e) = certs::patch_ca_bundle(&configs, &config_name, &current.ca_pem).await {
-                tracing::warn!(error = %e, "writing the CA bundle");
+            match certs::refresh(
+                &secrets,
+                &name,
+                &configs,
+                &config_name,
+                &settings,
+                &current,
+                &store,
+            )
+            .await
+            {
+                Ok(b) => current = b,
+                Err(e) => {
+                    tracing::warn!(error = %e, "checking the webhook certificate; retried at the next check")
+                }
             }
         }
     });
