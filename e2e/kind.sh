@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs the end-to-end test on a local kind cluster: creates the cluster (unless it exists),
 # builds the agent and operator images, loads them into the cluster's nodes, and runs
-# `cargo test -p nencache-e2e`, which installs the chart, applies a NenCacheCluster and puts
-# and gets a value through an injected pod.
+# `NENCACHE_E2E=1 cargo test -p nencache-e2e`, which installs the chart, applies a
+# NenCacheCluster and puts and gets a value through an injected pod. Without NENCACHE_E2E=1
+# that test skips: it would change whatever cluster the kubeconfig points at.
 #
 # Needs: docker, kind, kubectl, helm, cargo. Set KIND_CLUSTER to use another cluster name and
 # E2E_KEEP=1 to leave everything installed for a look around.
@@ -23,5 +24,5 @@ docker build -f agent/Dockerfile -t nencache-agent:e2e .
 docker build -f operator/Dockerfile -t nencache-operator:e2e .
 kind load docker-image --name "$cluster" nencache-agent:e2e nencache-operator:e2e
 
-E2E_AGENT_IMAGE=nencache-agent:e2e E2E_OPERATOR_IMAGE=nencache-operator:e2e \
+NENCACHE_E2E=1 E2E_AGENT_IMAGE=nencache-agent:e2e E2E_OPERATOR_IMAGE=nencache-operator:e2e \
     cargo test -p nencache-e2e -- --nocapture

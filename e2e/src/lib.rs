@@ -1,11 +1,14 @@
 //! End-to-end checks of NenCache on a real cluster: the Helm chart installed, a
 //! `NenCacheCluster` applied, its agents ready, and an injected pod that puts and gets a value
-//! through the node's agent socket. `tests/cluster.rs` runs them where a kubeconfig points at
-//! a reachable cluster and says why it skips otherwise; `e2e/kind.sh` sets up kind for it.
+//! through the node's agent socket. The test installs into, and afterwards deletes from,
+//! whatever cluster the kubeconfig points at, so it is opt-in: `tests/cluster.rs` runs it only
+//! with `NENCACHE_E2E=1` ([`OPT_IN`]) and otherwise says why it skipped, without reading the
+//! kubeconfig; `e2e/kind.sh` sets up kind and opts in.
 //!
-//! Settings come from the environment: `E2E_AGENT_IMAGE` and `E2E_OPERATOR_IMAGE` (the
-//! images the cluster can pull or has loaded), `E2E_KEEP=1` to leave everything installed,
-//! and `HELM` for the helm binary (default: `helm` on the PATH).
+//! Settings come from the environment: `NENCACHE_E2E=1` to run at all, `E2E_AGENT_IMAGE` and
+//! `E2E_OPERATOR_IMAGE` (the images the cluster can pull or has loaded; the agent image is
+//! also the operator's helper image), `E2E_KEEP=1` to leave everything installed, and `HELM`
+//! for the helm binary (default: `helm` on the PATH).
 
 use std::{future::Future, path::PathBuf, process::Command, time::Duration};
 
@@ -54,16 +57,53 @@ impl Settings {
     }
 }
 
+/// The environment variable that opts in to running against a cluster (value `1`).
+pub const OPT_IN: &str = "NENCACHE_E2E";
+
+/// `Ok` when the run opted in with `NENCACHE_E2E=1`; otherwise why the tests skip.
+///
+/// # Errors
+/// The reason to skip, for the test to print.
+pub fn opted_in() -> Result<(), String> {
+    match std::env::var(OPT_IN) {
+        Ok(v) if v == "1" => Ok(()),
+        _ => Err(format!(
+            "{OPT_IN}=1 is not set; the end-to-end test installs the chart into the cluster the \
+             kubeconfig points at and deletes a namespace and the release afterwards, so it \
+             runs only when asked (e2e/kind.sh asks)"
+        )),
+    }
+}
+
+/// The cluster to run against: `Ok(None)` (after printing why) unless the run opted in
+/// ([`opted_in`]); the kubeconfig is not even read then.
+///
+/// # Errors
+/// When the run opted in but the cluster cannot be reached: asked for, the test must run.
+pub async fn opted_in_cluster() -> anyhow::Result<Option<Client>> {
+    if let Err(why) = opted_in() {
+        eprintln!("skipped: {why}");
+        return Ok(None);
+    }
+    reachable_cluster()
+        .await
+        .map(Some)
+        .map_err(|why| anyhow::anyhow!("{OPT_IN}=1, but {why}"))
+}
+
 /// A client for the cluster the kubeconfig names, or why there is none: no kubeconfig, or an
-/// API server that does not answer within five seconds.
+/// API server that does not answer within five seconds. Call it only after [`opted_in`].
 pub async fn reachable_cluster() -> Result<Client, String> {
     let has_config = std::env::var_os("KUBECONFIG").is_some()
         || std::env::var_os("HOME").is_some_and(|h| PathBuf::from(h).join(".kube/config").exists());
     if !has_config {
         return Err("no kubeconfig (set KUBECONFIG or create ~/.kube/config)".into());
     }
-    let client = Client::try_default()
+    let config = kube::Config::infer()
         .await
+        .map_err(|e| format!("the kubeconfig does not give a client: {e}"))?;
+    eprintln!("running against the API server at {}", config.cluster_url);
+    let client = Client::try_from(config)
         .map_err(|e| format!("the kubeconfig does not give a client: {e}"))?;
     match tokio::time::timeout(Duration::from_secs(5), client.apiserver_version()).await {
         Ok(Ok(_)) => Ok(client),

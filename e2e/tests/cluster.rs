@@ -1,7 +1,9 @@
 //! The whole path on a real cluster: `helm install` the chart, apply a NenCacheCluster, wait
 //! for its agents, then run a pod labelled for injection whose init container puts a value
-//! through `$NENCACHE_SOCKET` and whose container gets it back. Runs only where a kubeconfig
-//! points at a reachable cluster (see e2e/kind.sh); otherwise it says why and passes.
+//! through `$NENCACHE_SOCKET` and whose container gets it back. It changes the cluster the
+//! kubeconfig points at, so it runs only with `NENCACHE_E2E=1` (e2e/kind.sh sets it);
+//! otherwise it says why and passes without reading the kubeconfig. Opted in, a cluster that
+//! cannot be reached fails it.
 
 // Helpers outside #[test] functions fail loudly too.
 #![allow(clippy::unwrap_used)]
@@ -17,7 +19,7 @@ use kube::{
     api::{DeleteParams, DynamicObject, LogParams, Patch, PatchParams, PostParams},
     core::{ApiResource, GroupVersionKind},
 };
-use nencache_e2e::{Settings, helm, reachable_cluster, wait_for};
+use nencache_e2e::{OPT_IN, Settings, helm, opted_in_cluster, wait_for};
 use serde_json::json;
 
 const VALUE: &str = "hello-from-nencache-e2e";
@@ -31,18 +33,12 @@ fn clusters_resource() -> ApiResource {
 
 #[tokio::test]
 async fn install_apply_inject_put_and_get() {
-    let client = match reachable_cluster().await {
-        Ok(c) => c,
-        Err(why) => {
-            eprintln!("skipped: {why}; e2e/kind.sh runs this test on a kind cluster");
-            return;
-        }
+    let Some(client) = opted_in_cluster().await.unwrap() else {
+        return;
     };
     let s = Settings::from_env().unwrap();
-    if let Err(e) = helm(&s, &["version"]) {
-        eprintln!("skipped: helm does not run ({e}); set HELM or put helm on the PATH");
-        return;
-    }
+    helm(&s, &["version"])
+        .expect("NENCACHE_E2E=1 but helm does not run; set HELM or put helm on the PATH");
     let result = run(&client, &s).await;
     if !s.keep {
         cleanup(&client, &s).await;
@@ -54,6 +50,14 @@ async fn run(client: &Client, s: &Settings) -> anyhow::Result<()> {
     let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/nencache");
     let repo = format!("operator.image.repository={}", s.operator_repository);
     let tag = format!("operator.image.tag={}", s.operator_tag);
+    // The agents' privileged init container runs the operator's helper image, not the
+    // cluster's: here the agent image under test.
+    let (agent_repo, agent_tag) = s
+        .agent_image
+        .rsplit_once(':')
+        .ok_or_else(|| anyhow::anyhow!("E2E_AGENT_IMAGE needs a tag (repository:tag)"))?;
+    let helper_repo = format!("agents.helperImage.repository={agent_repo}");
+    let helper_tag = format!("agents.helperImage.tag={agent_tag}");
     eprintln!("installing the chart into {}", s.operator_namespace);
     helm(
         s,
@@ -69,6 +73,10 @@ async fn run(client: &Client, s: &Settings) -> anyhow::Result<()> {
             &repo,
             "--set",
             &tag,
+            "--set",
+            &helper_repo,
+            "--set",
+            &helper_tag,
             "--set",
             "operator.replicas=1",
             "--wait",
@@ -202,5 +210,62 @@ async fn cleanup(client: &Client, s: &Settings) {
             "--namespace",
             &s.operator_namespace,
         ],
+    );
+}
+
+/// `cargo test` never touches a cluster unless asked: runs this binary's end-to-end test
+/// without `NENCACHE_E2E`, with a kubeconfig whose API server is a loopback listener, and
+/// checks that it passed, said why it skipped, and never connected.
+#[test]
+fn without_opting_in_no_cluster_is_touched() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let home = std::env::temp_dir().join(format!("nencache-e2e-opt-in-{}", std::process::id()));
+    std::fs::create_dir_all(home.join(".kube")).unwrap();
+    let kubeconfig = home.join(".kube/config");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: c\n\
+             clusters: [{{name: c, cluster: {{server: \"http://{addr}\"}}}}]\n\
+             contexts: [{{name: c, context: {{cluster: c, user: u}}}}]\n\
+             users: [{{name: u, user: {{token: t}}}}]\n"
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "install_apply_inject_put_and_get", "--nocapture"])
+        .env_remove(OPT_IN)
+        .env("KUBECONFIG", &kubeconfig)
+        .env("HOME", &home)
+        .output()
+        .unwrap();
+    let mut connections = 0;
+    loop {
+        match listener.accept() {
+            Ok(_) => connections += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&home);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        connections, 0,
+        "the API server in the kubeconfig was contacted without NENCACHE_E2E=1: {text}"
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("1 passed"),
+        "the test ran (and skipped): {text}"
+    );
+    assert!(
+        text.contains("skipped") && text.contains("NENCACHE_E2E=1"),
+        "says why: {text}"
     );
 }
