@@ -210,6 +210,10 @@ pub struct LimitsFileConfig {
     pub max_leases_per_session: Option<u32>,
     /// Most reservations in flight.
     pub max_reservations: Option<u32>,
+    /// Most reservations one session may hold.
+    pub max_reservations_per_session: Option<u32>,
+    /// Most staging bytes one session's reservations may hold.
+    pub max_staging_per_session: Option<ByteSize>,
     /// Most sessions.
     pub max_sessions: Option<u32>,
     /// Uncommitted reservations are reclaimed after this.
@@ -391,6 +395,10 @@ impl ServeArgs {
             max_leases: l.max_leases.unwrap_or(d.max_leases),
             max_leases_per_session: l.max_leases_per_session.unwrap_or(d.max_leases_per_session),
             max_reservations: l.max_reservations.unwrap_or(d.max_reservations),
+            max_reservations_per_session: l
+                .max_reservations_per_session
+                .unwrap_or(d.max_reservations_per_session),
+            max_staging_per_session: l.max_staging_per_session.map(|b| b.0),
             max_sessions: l.max_sessions.unwrap_or(d.max_sessions),
             reservation_timeout: a
                 .reservation_timeout
@@ -463,6 +471,56 @@ mod tests {
         assert_eq!(s.engine.policy, EvictionPolicy::Lru);
         assert_eq!(s.engine.default_ttl, Some(Duration::from_secs(300)));
         assert_eq!(s.engine.reservation_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn per_session_quotas_are_read_and_validated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.yaml");
+        let s = ServeArgs::default().resolve(None).unwrap();
+        assert_eq!(s.engine.max_reservations_per_session, 1024);
+        assert_eq!(
+            s.engine.staging_per_session(),
+            64 << 20,
+            "a quarter of 256MiB"
+        );
+        std::fs::write(
+            &path,
+            "host:\n  staging: 64MiB\n  max_value: 8MiB\nlimits:\n  \
+             max_reservations_per_session: 16\n  max_staging_per_session: 12MiB\n",
+        )
+        .unwrap();
+        let s = ServeArgs {
+            config: Some(path.clone()),
+            ..Default::default()
+        }
+        .resolve(None)
+        .unwrap();
+        assert_eq!(s.engine.max_reservations_per_session, 16);
+        assert_eq!(s.engine.staging_per_session(), 12 << 20);
+        for (yaml, why) in [
+            (
+                "limits:\n  max_staging_per_session: 1MiB\n",
+                "max staging per session",
+            ),
+            (
+                "limits:\n  max_staging_per_session: 2GiB\n",
+                "max staging per session",
+            ),
+            (
+                "limits:\n  max_reservations_per_session: 0\n",
+                "max_reservations_per_session",
+            ),
+        ] {
+            std::fs::write(&path, yaml).unwrap();
+            let err = ServeArgs {
+                config: Some(path.clone()),
+                ..Default::default()
+            }
+            .resolve(None)
+            .unwrap_err();
+            assert!(err.to_string().contains(why), "{yaml}: {err}");
+        }
     }
 
     #[test]

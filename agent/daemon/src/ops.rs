@@ -175,10 +175,11 @@ impl Ops {
                 max_metadata_len: MAX_METADATA_LEN as u32,
                 max_batch: cfg.max_batch as u32,
                 max_leases_per_session: cfg.max_leases_per_session,
+                max_reservations_per_session: cfg.max_reservations_per_session,
+                max_staging_per_session: cfg.staging_per_session(),
                 reservation_timeout_ms: cfg.reservation_timeout.as_millis() as u64,
                 max_frame_len: self.wire.max_frame_len as u32,
                 max_message_len: self.wire.max_message_len as u32,
-                ..Default::default()
             }),
         })
     }

@@ -307,7 +307,8 @@ fn hello(agent: &TestAgent, version: u32) -> Reply {
 /// A put batch refused part-way reports what was stored.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_batch_refused_part_way_reports_each_outcome() {
-    // 8 MiB of arena and values of 1 MiB; 2 MiB of staging, so a batch goes in rounds of two.
+    // 8 MiB of arena and values of up to 1 MiB; 2 MiB of staging, of which one session may
+    // hold 1 MiB, so a batch goes in rounds of at most 1 MiB.
     let agent = TestAgent::start(&[
         "--host-capacity",
         "8MiB",
@@ -317,27 +318,28 @@ async fn a_batch_refused_part_way_reports_each_outcome() {
         "2MiB",
     ]);
     let c = agent.client().await;
-    let values: Vec<Vec<u8>> = (0..12).map(|i| pattern(i, 1 << 20)).collect();
-    // Pin everything the first rounds store so nothing can be evicted for the rest.
+    // Pin 512 KiB values until the arena is full, then unpin one in the middle: the runs left
+    // for new values are its extent and the free tail, each shorter than 1 MiB.
     let mut held = Vec::new();
-    let mut stored = 0;
-    for (i, v) in values.iter().enumerate() {
+    for i in 0..20 {
         let k = format!("pinned-{i}");
-        match c.put(k.as_bytes(), v, b"").await {
-            Ok(_) => {
-                held.push(c.get(&[k.as_bytes()]).await.unwrap());
-                stored += 1;
-            }
+        match c.put(k.as_bytes(), &pattern(i, 512 << 10), b"").await {
+            Ok(_) => held.push(c.get(&[k.as_bytes()]).await.unwrap()),
             Err(e) => {
                 assert_eq!(e.code(), Some(Code::ResourceExhausted), "{e}");
                 break;
             }
         }
     }
-    assert!(stored < values.len());
-    // Room for two values: a batch of four stores its first round and reports the rest.
-    held.truncate(held.len() - 2);
+    assert!(held.len() < 20);
+    drop(held.remove(held.len() / 2));
     c.flush_releases().await.unwrap();
+    // Two 256 KiB values fit (the first round); a 1 MiB value fits in no run (the second).
+    let values: Vec<Vec<u8>> = [256 << 10, 256 << 10, 1 << 20, 256 << 10]
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| pattern(100 + i as u64, len))
+        .collect();
     let keys: Vec<String> = (0..4).map(|i| format!("batch-{i}")).collect();
     let batch: Vec<Put<'_>> = keys
         .iter()

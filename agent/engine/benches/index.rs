@@ -12,7 +12,9 @@ use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use nencache_engine::{index::RobinHoodIndex, key_hash};
 
 fn hashes(n: usize) -> Vec<u128> {
-    (0..n as u64).map(|i| key_hash(&i.to_le_bytes())).collect()
+    (0..n as u64)
+        .map(|i| key_hash(&i.to_le_bytes(), 0x5eed))
+        .collect()
 }
 
 fn bench(c: &mut Criterion) {

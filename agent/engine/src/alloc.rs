@@ -4,6 +4,11 @@
 //! spirit of TLSF, with one level), linked through arrays indexed by page, with boundary tags
 //! at both ends of each extent so that a freed extent merges with its free neighbours in
 //! O(1). Every table is sized once at construction: allocation and free never touch the heap.
+//!
+//! Two more operations serve the engine's placement: [`ExtentAllocator::extent_at`] lets it
+//! walk the arena in address order, extent by extent (free runs from the boundary tags), and
+//! [`ExtentAllocator::alloc_at`] takes back an exact extent, undoing a free when a reserve
+//! that evicted has to leave the cache as it was.
 
 const NIL: u32 = u32::MAX;
 const BUCKETS: usize = 32;
@@ -119,11 +124,12 @@ impl ExtentAllocator {
         })
     }
 
-    /// Returns an extent to the free pool, merging it with free neighbours.
+    /// Returns an extent to the free pool, merging it with free neighbours, and returns the
+    /// free extent it became part of.
     ///
     /// # Panics
     /// When `extent` is not an allocated extent (a double free or a forged extent).
-    pub fn free(&mut self, extent: Extent) {
+    pub fn free(&mut self, extent: Extent) -> Extent {
         let Extent { mut start, pages } = extent;
         assert!(
             (start as usize) < self.tag.len()
@@ -152,6 +158,61 @@ impl ExtentAllocator {
             }
         }
         self.insert_free(start, len);
+        Extent { start, pages: len }
+    }
+
+    /// Allocates exactly `extent`, whose pages must all be free: the inverse of
+    /// [`ExtentAllocator::free`], used to undo it. `hint` is the first page of the free extent
+    /// that holds `extent` (what `free` returned, if nothing freed since has merged into it);
+    /// a wrong hint costs a walk back to that extent's first page.
+    ///
+    /// # Panics
+    /// When some page of `extent` is not free.
+    pub fn alloc_at(&mut self, hint: u32, extent: Extent) {
+        let Extent { start, pages } = extent;
+        let end = start + pages;
+        assert!(
+            pages > 0 && end <= self.pages,
+            "extent out of range: {extent:?}"
+        );
+        let holds = |h: u32| {
+            h <= start && self.tag[h as usize] == Tag::Free && h + self.len[h as usize] >= end
+        };
+        let head = if (hint as usize) < self.tag.len() && holds(hint) {
+            hint
+        } else {
+            // The first page of the extent holding `start` is the nearest extent head at or
+            // before it.
+            let mut h = start;
+            while self.tag[h as usize] == Tag::Inner {
+                h -= 1;
+            }
+            assert!(holds(h), "pages of {extent:?} are not all free");
+            h
+        };
+        let run_end = head + self.len[head as usize];
+        self.unlink(head);
+        self.tag[head as usize] = Tag::Inner;
+        if head < start {
+            self.insert_free(head, start - head);
+        }
+        if end < run_end {
+            self.insert_free(end, run_end - end);
+        }
+        self.mark(start, pages, Tag::Used);
+        self.free_pages -= pages;
+    }
+
+    /// The extent that starts at `page`: whether it is free, and its length. `None` when
+    /// `page` is inside an extent or out of range. Walking from page 0 by lengths visits every
+    /// extent in address order.
+    #[must_use]
+    pub fn extent_at(&self, page: u32) -> Option<(bool, u32)> {
+        match self.tag.get(page as usize)? {
+            Tag::Inner => None,
+            Tag::Free => Some((true, self.len[page as usize])),
+            Tag::Used => Some((false, self.len[page as usize])),
+        }
     }
 
     /// Length of the longest free extent (a linear walk; for stats and tests).
@@ -253,16 +314,62 @@ mod tests {
         a.free(x);
     }
 
+    #[test]
+    fn alloc_at_undoes_free() {
+        let mut a = ExtentAllocator::new(100);
+        let x = a.alloc(10).unwrap();
+        let y = a.alloc(20).unwrap();
+        let z = a.alloc(30).unwrap();
+        a.free(x);
+        let merged = a.free(y);
+        assert_eq!(
+            merged,
+            Extent {
+                start: 0,
+                pages: 30
+            }
+        );
+        a.alloc_at(merged.start, y);
+        assert_eq!(a.extent_at(0), Some((true, 10)));
+        assert_eq!(a.extent_at(10), Some((false, 20)));
+        assert_eq!(a.extent_at(30), Some((false, 30)));
+        assert_eq!(a.extent_at(60), Some((true, 40)));
+        assert_eq!(a.extent_at(61), None);
+        // A stale hint: found by walking back.
+        a.free(z);
+        a.alloc_at(
+            99,
+            Extent {
+                start: 40,
+                pages: 5,
+            },
+        );
+        assert_eq!(a.extent_at(30), Some((true, 10)));
+        assert_eq!(a.extent_at(45), Some((true, 55)));
+        assert_eq!(a.free_pages(), 100 - 25);
+    }
+
+    #[test]
+    #[should_panic(expected = "not all free")]
+    fn alloc_at_of_used_pages_is_caught() {
+        let mut a = ExtentAllocator::new(10);
+        let _x = a.alloc(3).unwrap();
+        a.alloc_at(0, Extent { start: 2, pages: 2 });
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Alloc(u32),
         Free(usize),
+        /// Free an extent and take it back at once.
+        FreeAndUndo(usize),
     }
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
             (1u32..40).prop_map(Op::Alloc),
-            any::<usize>().prop_map(Op::Free)
+            any::<usize>().prop_map(Op::Free),
+            any::<usize>().prop_map(Op::FreeAndUndo),
         ]
     }
 
@@ -302,10 +409,28 @@ mod tests {
                         }
                         a.free(e);
                     }
-                    Op::Free(_) => {}
+                    Op::FreeAndUndo(i) if !live.is_empty() => {
+                        let e = live[i % live.len()];
+                        let merged = a.free(e);
+                        prop_assert!(merged.start <= e.start && merged.start + merged.pages >= e.start + e.pages);
+                        a.alloc_at(merged.start, e);
+                    }
+                    Op::Free(_) | Op::FreeAndUndo(_) => {}
                 }
                 let free = owned.iter().filter(|&&o| !o).count() as u32;
                 prop_assert_eq!(a.free_pages(), free);
+                // The walk by extents agrees with the page model, and free extents are maximal.
+                let mut p = 0;
+                let mut last_free = false;
+                while p < N {
+                    let (is_free, len) = a.extent_at(p).expect("extent head");
+                    prop_assert!(!(is_free && last_free), "adjacent free extents at {}", p);
+                    for q in p..p + len {
+                        prop_assert_eq!(!owned[q as usize], is_free);
+                    }
+                    last_free = is_free;
+                    p += len;
+                }
             }
             for e in live {
                 a.free(e);

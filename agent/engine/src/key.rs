@@ -1,4 +1,5 @@
-//! Keys: validation, the 128-bit index hash, and content-defined chunk keys for prompts.
+//! Keys: validation, the 128-bit index hash (seeded per engine), and content-defined chunk
+//! keys for prompts (unseeded: every client must derive the same ones).
 //!
 //! A prompt's tokens are cut into chunks of `chunk_size` tokens and each chunk gets a key
 //! chained over everything before it:
@@ -13,7 +14,7 @@
 //! Two prompts that share their first `n` chunks share their first `n` keys, whichever client
 //! computed them. The test vector in `docs/ARCHITECTURE.md` is checked by this module's tests.
 
-use xxhash_rust::xxh3::{Xxh3, xxh3_64, xxh3_128};
+use xxhash_rust::xxh3::{Xxh3, xxh3_64, xxh3_128, xxh3_128_with_seed};
 
 use crate::error::{EngineError, Result};
 
@@ -23,10 +24,13 @@ pub const MAX_KEY_LEN: usize = 256;
 /// Default number of tokens per chunk (LMCache's default too).
 pub const DEFAULT_CHUNK_SIZE: usize = 256;
 
-/// The 128-bit hash that indexes a key. The full key is still compared on lookup.
+/// The 128-bit hash that indexes a key in an engine: XXH3-128 seeded with `seed`, which each
+/// engine draws at random when it starts, so that keys chosen to collide (and lengthen
+/// probes) in one index do not collide in another. The full key is still compared on lookup.
+/// Chunk keys ([`ChunkKeys`]) are unseeded and do not depend on it.
 #[must_use]
-pub fn key_hash(key: &[u8]) -> u128 {
-    xxh3_128(key)
+pub fn key_hash(key: &[u8], seed: u64) -> u128 {
+    xxh3_128_with_seed(key, seed)
 }
 
 /// The checksum a client may send with a commit: XXH3-64 of the value bytes.
@@ -124,6 +128,13 @@ pub fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn index_hash_depends_on_the_seed_only() {
+        assert_eq!(key_hash(b"k", 1), key_hash(b"k", 1));
+        assert_ne!(key_hash(b"k", 1), key_hash(b"k", 2));
+        assert_ne!(key_hash(b"k", 1), key_hash(b"l", 1));
+    }
 
     #[test]
     fn key_limits() {

@@ -1,13 +1,23 @@
 //! Black-box tests of the host tier through its public API: the bad-input and fault cases of
-//! the node-local API, and a model check of put/get/delete under eviction.
+//! the node-local API, placement and eviction under leases, per-session quotas, a model check
+//! of put/get/delete under eviction (with oracles for refused puts and evicted bytes), and a
+//! concurrent stress test of commit against session close, reaping and eviction.
 
 // Helpers outside #[test] functions fail loudly too.
 #![allow(clippy::unwrap_used)]
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use nencache_engine::{
-    Committed, Engine, EngineConfig, EngineError, EvictionPolicy, PutItem, Reserved,
+    Committed, Engine, EngineConfig, EngineError, EvictionPolicy, Lease, PutItem, Reserved,
+    traces::Rng,
 };
 use proptest::prelude::*;
 
@@ -403,35 +413,569 @@ fn lease_limits_are_enforced_without_leaking() {
     assert_eq!(e.get(s, &keys[..32]).unwrap().len(), 32);
 }
 
+/// Pages an entry of `value_len` bytes under a key of `key_len` bytes takes (no metadata).
+fn pages_of(value_len: u64, key_len: usize) -> u64 {
+    (value_len + key_len as u64).div_ceil(PAGE).max(1)
+}
+
+fn present(e: &Engine, key: &[u8]) -> bool {
+    e.lookup(&[key]).unwrap().prefix == 1
+}
+
+/// S3-FIFO with every entry of the main queue leased and unleased entries in the small
+/// queue: the put evicts from the small queue instead of giving up.
+#[test]
+fn s3fifo_evicts_small_entries_when_main_is_all_leased() {
+    let e = Engine::new(EngineConfig {
+        capacity: 20 * PAGE,
+        staging: 16 * PAGE,
+        max_value: 5 * PAGE,
+        policy: EvictionPolicy::S3Fifo,
+        ..EngineConfig::default()
+    })
+    .unwrap();
+    let s = e.open_session().unwrap();
+    // Ten two-page entries fill the arena; seven are read, so the next eviction moves them
+    // to the main queue (and evicts one of them after a full pass).
+    for i in 0..10u8 {
+        e.put_local(s, item(&[b'k', i]), &value(i, 4096)).unwrap();
+    }
+    for i in 0..7u8 {
+        assert!(get_one(&e, s, &[b'k', i]).is_some());
+    }
+    e.put_local(s, item(b"k10"), &value(10, 4096)).unwrap();
+    // Lease everything still cached in the main queue (the entries read before).
+    let mut held = Vec::new();
+    for i in 0..7u8 {
+        if let Some(l) = e.get(s, &[&[b'k', i]]).unwrap().pop().unwrap() {
+            held.push(l);
+        }
+    }
+    assert!(
+        held.len() >= 5,
+        "{} of the main queue still cached",
+        held.len()
+    );
+    // Two small-queue entries leave: the small queue is now under its share of the arena.
+    assert_eq!(e.delete(&[&[b'k', 7], &[b'k', 8]]).unwrap(), 2);
+    // Five pages: more than the free pages, so an unleased small-queue entry must go.
+    e.put_local(s, item(b"big"), &value(11, 4 * 4096)).unwrap();
+    assert_eq!(get_one(&e, s, b"big").unwrap(), value(11, 4 * 4096));
+    for l in &held {
+        assert_eq!(e.read_leased(s, l).unwrap().len(), 4096);
+    }
+}
+
+/// Eight two-page entries fill a 16-page arena; every other one is leased, so no run of
+/// three pages can be made. Fills the arena and returns the leases.
+fn checkerboard(e: &Engine, s: u64) -> Vec<Lease> {
+    for i in 0..8u8 {
+        e.put_local(s, item(&[b'k', i]), &value(i, 4096)).unwrap();
+    }
+    (0..8u8)
+        .step_by(2)
+        .map(|i| e.get(s, &[&[b'k', i]]).unwrap().pop().unwrap().unwrap())
+        .collect()
+}
+
+/// A reserve that cannot be satisfied evicts nothing, alone or after other items of its
+/// batch were placed by evicting.
+#[test]
+fn refused_reserve_evicts_nothing() {
+    for policy in [EvictionPolicy::S3Fifo, EvictionPolicy::Lru] {
+        let e = Engine::new(EngineConfig {
+            capacity: 16 * PAGE,
+            staging: 16 * PAGE,
+            max_value: 4 * PAGE,
+            policy,
+            ..EngineConfig::default()
+        })
+        .unwrap();
+        let s = e.open_session().unwrap();
+        let _held = checkerboard(&e, s);
+        let three_pages = PutItem {
+            value_len: 2 * PAGE,
+            ..item(b"three")
+        };
+        let err = e.reserve(s, &[three_pages]).unwrap_err();
+        assert!(matches!(err, EngineError::NoSpace { .. }), "{err}");
+        let two_pages = PutItem {
+            value_len: PAGE,
+            ..item(b"two")
+        };
+        let err = e.reserve(s, &[two_pages, three_pages]).unwrap_err();
+        assert!(matches!(err, EngineError::NoSpace { .. }), "{err}");
+        for i in 0..8u8 {
+            assert!(present(&e, &[b'k', i]), "{policy:?}: k{i} was evicted");
+            assert_eq!(get_one(&e, s, &[b'k', i]).unwrap(), value(i, 4096));
+        }
+        let st = e.stats();
+        assert_eq!(
+            (
+                st.evictions,
+                st.reservations,
+                st.staging_used_bytes,
+                st.entries
+            ),
+            (0, 0, 0, 8)
+        );
+        assert_eq!(st.used_bytes, 16 * PAGE);
+        // The two-page item alone fits by evicting one unleased entry.
+        e.reserve(s, &[two_pages]).unwrap();
+        assert_eq!(e.stats().evictions, 1);
+    }
+}
+
+/// With leases scattered through the arena, one large put evicts about its own size, not
+/// most of the cache.
+#[test]
+fn large_put_evicts_about_its_size_with_scattered_leases() {
+    const PAGES: u64 = 2048;
+    for policy in [EvictionPolicy::S3Fifo, EvictionPolicy::Lru] {
+        let e = Engine::new(EngineConfig {
+            capacity: PAGES * PAGE,
+            staging: 512 * PAGE,
+            max_value: 256 * PAGE,
+            max_leases: 4096,
+            max_leases_per_session: 4096,
+            policy,
+            ..EngineConfig::default()
+        })
+        .unwrap();
+        let s = e.open_session().unwrap();
+        let mut rng = Rng::new(11);
+        let sizes = [4u64, 8, 16, 32, 64];
+        let mut held: Vec<Lease> = Vec::new();
+        let mut len_of: HashMap<u32, u64> = HashMap::new();
+        // Churn: mixed sizes, some keys read again, about one entry in six leased for a while.
+        for i in 0..4000u32 {
+            let k = rng.range(0, 600) as u32;
+            let key = k.to_le_bytes();
+            if rng.range(0, 3) == 0 {
+                if let Some(l) = e.get(s, &[&key]).unwrap().pop().unwrap() {
+                    if rng.range(0, 2) == 0 {
+                        held.push(l);
+                    } else {
+                        e.release(s, &[l.id]).unwrap();
+                    }
+                }
+            } else if !present(&e, &key) {
+                let len = sizes[rng.range(0, sizes.len())] * PAGE - 64;
+                if e.put_local(s, item(&key), &vec![7; len as usize]).is_ok() {
+                    len_of.insert(k, len);
+                }
+            }
+            if held.len() > 12 || (i % 97 == 0 && !held.is_empty()) {
+                let l = held.swap_remove(rng.range(0, held.len()));
+                e.release(s, &[l.id]).unwrap();
+            }
+        }
+        let cached: Vec<u32> = (0..600u32)
+            .filter(|k| present(&e, &k.to_le_bytes()))
+            .collect();
+        // The put asks for three quarters of the longest run of unpinned pages (at most 128).
+        let mut pinned = vec![false; PAGES as usize];
+        for l in &held {
+            let first = l.offset / PAGE;
+            for p in first..first + pages_of(l.len, 4) {
+                pinned[p as usize] = true;
+            }
+        }
+        let run = pinned.split(|&p| p).map(<[bool]>::len).max().unwrap_or(0) as u64;
+        let big = (run * 3 / 4).min(128) * PAGE - 3;
+        let before = e.stats();
+        e.put_local(s, item(b"big"), &vec![9; big as usize])
+            .unwrap();
+        let after = e.stats();
+        let evicted_pages: u64 = cached
+            .iter()
+            .filter(|k| !present(&e, &k.to_le_bytes()))
+            .map(|k| pages_of(len_of[k], 4))
+            .sum();
+        let needed = pages_of(big, 3);
+        assert_eq!(
+            after.used_bytes,
+            before.used_bytes + needed * PAGE - evicted_pages * PAGE,
+            "used bytes account for exactly the evicted entries"
+        );
+        // At most the request plus one extent's overshoot (the largest entry is 64 pages).
+        assert!(
+            evicted_pages < needed + 64,
+            "{policy:?}: a {needed}-page put (longest unpinned run {run}) evicted \
+             {evicted_pages} pages of {} cached in {} entries ({} leased)",
+            before.used_bytes / PAGE,
+            cached.len(),
+            held.len()
+        );
+    }
+}
+
+/// One session cannot take all of the staging area: by default a session holds at most a
+/// quarter of it (and at least one largest value), so another session can still put.
+#[test]
+fn one_session_cannot_hold_all_staging() {
+    let e = Engine::new(EngineConfig {
+        capacity: 256 * PAGE,
+        staging: 64 * PAGE,
+        max_value: 8 * PAGE,
+        ..EngineConfig::default()
+    })
+    .unwrap();
+    let greedy = e.open_session().unwrap();
+    let other = e.open_session().unwrap();
+    let big = |k: &'static [u8]| PutItem {
+        value_len: 8 * PAGE,
+        ..item(k)
+    };
+    let keys: Vec<[u8; 2]> = (0..8u8).map(|i| [b'g', i]).collect();
+    let mut granted = 0;
+    for k in &keys {
+        let it = PutItem {
+            value_len: 8 * PAGE,
+            ..item(k)
+        };
+        match e.reserve(greedy, &[it]) {
+            Ok(_) => granted += 1,
+            Err(EngineError::NoSpace { what }) => {
+                assert_eq!(what, "staging space of this session");
+                break;
+            }
+            Err(err) => panic!("{err}"),
+        }
+    }
+    assert!((1..8).contains(&granted), "granted {granted}");
+    assert_eq!(e.stats().reservations, granted);
+    e.reserve(other, &[big(b"o1")]).unwrap();
+    // A batch refused for the quota keeps nothing of it.
+    let err = e
+        .reserve(
+            greedy,
+            &[
+                PutItem {
+                    value_len: 10,
+                    ..item(b"small")
+                },
+                big(b"g9"),
+            ],
+        )
+        .unwrap_err();
+    assert!(matches!(err, EngineError::NoSpace { .. }), "{err}");
+    assert_eq!(e.stats().reservations, granted + 1);
+}
+
+/// `release` refuses more ids than `max_batch` (the list is checked before the lock).
+#[test]
+fn release_refuses_more_than_max_batch_ids() {
+    let e = Engine::new(EngineConfig {
+        capacity: 64 * PAGE,
+        staging: 16 * PAGE,
+        max_value: 4 * PAGE,
+        max_batch: 4,
+        ..EngineConfig::default()
+    })
+    .unwrap();
+    let s = e.open_session().unwrap();
+    e.put_local(s, item(b"a"), b"v").unwrap();
+    let ids: Vec<u64> = (0..5)
+        .map(|_| e.get(s, &[b"a"]).unwrap().pop().unwrap().unwrap().id)
+        .collect();
+    assert!(matches!(
+        e.release(s, &ids),
+        Err(EngineError::BatchTooLarge { len: 5, max: 4 })
+    ));
+    assert_eq!(e.stats().leases, 5, "nothing released");
+    e.release(s, &ids[..4]).unwrap();
+    e.release(s, &ids[4..]).unwrap();
+    assert_eq!(e.stats().leases, 0);
+}
+
+/// `read_leased` reads the leased entry's bytes whatever offset and length the caller's
+/// `Lease` claims.
+#[test]
+fn read_leased_uses_the_lease_record_not_the_callers_offset() {
+    let e = engine(64);
+    let s = e.open_session().unwrap();
+    e.put_local(s, item(b"mine"), &value(1, 3000)).unwrap();
+    e.put_local(s, item(b"other"), &value(2, 9000)).unwrap();
+    let mine = e.get(s, &[b"mine"]).unwrap().pop().unwrap().unwrap();
+    let other = e.get(s, &[b"other"]).unwrap().pop().unwrap().unwrap();
+    let forged = Lease {
+        offset: other.offset,
+        len: 64 * PAGE,
+        ..mine.clone()
+    };
+    assert_eq!(e.read_leased(s, &forged).unwrap(), value(1, 3000));
+    e.release(s, &[mine.id, other.id]).unwrap();
+}
+
+/// A value for the stress test: a header (nonce, length) and bytes derived from key and nonce,
+/// so that a reader can check every byte without knowing which put it reads.
+fn stress_value(key: u8, nonce: u64, len: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(len);
+    v.extend_from_slice(&nonce.to_le_bytes());
+    v.extend_from_slice(&(len as u64).to_le_bytes());
+    let mut x = nonce ^ u64::from(key).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    while v.len() < len {
+        x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        v.push((x >> 56) as u8);
+    }
+    v
+}
+
+fn check_stress_value(key: u8, bytes: &[u8]) {
+    assert!(bytes.len() >= 16, "value of {} bytes", bytes.len());
+    let nonce = u64::from_le_bytes(bytes[..8].try_into().unwrap());
+    let len = u64::from_le_bytes(bytes[8..16].try_into().unwrap()) as usize;
+    assert_eq!(len, bytes.len(), "key {key}: length header");
+    assert!(
+        bytes == stress_value(key, nonce, len),
+        "key {key}: wrong bytes"
+    );
+}
+
+/// Commits copy outside the lock while other threads close sessions (the committers' too),
+/// reap reservations with a tiny timeout, evict (small arena, leases held) and read. No
+/// reader ever sees a wrong byte, and the tables end consistent.
+#[test]
+fn commit_races_close_reap_and_eviction() {
+    const KEYS: u8 = 48;
+    let e = Arc::new(
+        Engine::new(EngineConfig {
+            capacity: 256 * PAGE,
+            staging: 96 * PAGE,
+            max_value: 24 * PAGE,
+            max_leases: 256,
+            max_leases_per_session: 64,
+            max_reservations: 64,
+            max_sessions: 32,
+            reservation_timeout: Duration::from_millis(1),
+            ..EngineConfig::default()
+        })
+        .unwrap(),
+    );
+    let done = Arc::new(AtomicBool::new(false));
+    // Sessions of the committers and readers, which the closer thread closes at random.
+    let slots: Arc<Vec<AtomicU64>> = Arc::new((0..5).map(|_| AtomicU64::new(0)).collect());
+    let session_of = |e: &Engine, slot: &AtomicU64| {
+        let s = slot.load(Ordering::SeqCst);
+        if s != 0 {
+            return s;
+        }
+        let s = e.open_session().unwrap();
+        slot.store(s, Ordering::SeqCst);
+        s
+    };
+    let mut threads = Vec::new();
+    for w in 0..3u64 {
+        let (e, slots) = (e.clone(), slots.clone());
+        threads.push(std::thread::spawn(move || {
+            let mut rng = Rng::new(100 + w);
+            for _ in 0..1500 {
+                let s = session_of(&e, &slots[w as usize]);
+                let n = rng.range(1, 4);
+                let mut vals = Vec::new();
+                for _ in 0..n {
+                    let key = rng.range(0, usize::from(KEYS)) as u8;
+                    let len = rng.range(16, 24 * PAGE as usize);
+                    vals.push((key, stress_value(key, rng.next_u64(), len)));
+                }
+                let keys: Vec<[u8; 1]> = vals.iter().map(|(k, _)| [*k]).collect();
+                let items: Vec<PutItem<'_>> = keys
+                    .iter()
+                    .zip(&vals)
+                    .map(|(k, (_, v))| PutItem {
+                        value_len: v.len() as u64,
+                        overwrite: true,
+                        ..item(k)
+                    })
+                    .collect();
+                let reserved = match e.reserve(s, &items) {
+                    Ok(r) => r,
+                    Err(EngineError::NoSpace { .. }) => continue,
+                    Err(EngineError::UnknownSession(_)) => {
+                        let _ = slots[w as usize].compare_exchange(
+                            s,
+                            0,
+                            Ordering::SeqCst,
+                            Ordering::SeqCst,
+                        );
+                        continue;
+                    }
+                    Err(err) => panic!("reserve: {err}"),
+                };
+                let mut commits = Vec::new();
+                for (r, (_, v)) in reserved.iter().zip(&vals) {
+                    if let Reserved::Space { id, staging_offset } = *r {
+                        // SAFETY: the staging extent is this reservation's (if it was reaped
+                        // meanwhile, the checksum refuses whatever the bytes became).
+                        unsafe { e.staging().write(staging_offset as usize, v) };
+                        commits.push((id, Some(nencache_engine::checksum(v))));
+                    }
+                }
+                match e.commit(s, &commits) {
+                    Ok(_)
+                    | Err(EngineError::UnknownReservation(_))
+                    | Err(EngineError::UnknownSession(_)) => {}
+                    Err(err) => panic!("commit: {err}"),
+                }
+            }
+            let s = slots[w as usize].swap(0, Ordering::SeqCst);
+            if s != 0 {
+                let _ = e.close_session(s);
+            }
+        }));
+    }
+    for r in 3..5usize {
+        let (e, slots, done) = (e.clone(), slots.clone(), done.clone());
+        threads.push(std::thread::spawn(move || {
+            let mut rng = Rng::new(200 + r as u64);
+            let mut held: Vec<(u8, Lease, u64)> = Vec::new();
+            while !done.load(Ordering::SeqCst) {
+                let s = session_of(&e, &slots[r]);
+                held.retain(|(_, _, hs)| *hs == s);
+                let key = [rng.range(0, usize::from(KEYS)) as u8];
+                match e.get(s, &[&key]) {
+                    Ok(mut v) => {
+                        if let Some(l) = v.pop().unwrap() {
+                            match e.read_leased(s, &l) {
+                                Ok(bytes) => check_stress_value(key[0], &bytes),
+                                Err(EngineError::UnknownLease(_)) => {}
+                                Err(err) => panic!("read: {err}"),
+                            }
+                            held.push((key[0], l, s));
+                        }
+                    }
+                    Err(EngineError::UnknownSession(_)) => {
+                        let _ = slots[r].compare_exchange(s, 0, Ordering::SeqCst, Ordering::SeqCst);
+                    }
+                    Err(EngineError::NoSpace { .. }) => {}
+                    Err(err) => panic!("get: {err}"),
+                }
+                if held.len() > 12 || rng.range(0, 3) == 0 {
+                    while held.len() > 6 {
+                        let (k, l, hs) = held.swap_remove(rng.range(0, held.len()));
+                        if let Ok(bytes) = e.read_leased(hs, &l) {
+                            check_stress_value(k, &bytes);
+                        }
+                        let _ = e.release(hs, &[l.id]);
+                    }
+                }
+            }
+            let s = slots[r].swap(0, Ordering::SeqCst);
+            if s != 0 {
+                let _ = e.close_session(s);
+            }
+        }));
+    }
+    let closer = {
+        let (e, slots, done) = (e.clone(), slots.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut rng = Rng::new(300);
+            while !done.load(Ordering::SeqCst) {
+                let slot = &slots[rng.range(0, slots.len())];
+                let s = slot.load(Ordering::SeqCst);
+                if s != 0
+                    && slot
+                        .compare_exchange(s, 0, Ordering::SeqCst, Ordering::SeqCst)
+                        .is_ok()
+                {
+                    let _ = e.close_session(s);
+                }
+                std::thread::sleep(Duration::from_micros(rng.range(50, 500) as u64));
+            }
+        })
+    };
+    let reaper = {
+        let (e, done) = (e.clone(), done.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::SeqCst) {
+                e.reap_expired_reservations();
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        })
+    };
+    let committers: Vec<_> = threads.drain(..3).collect();
+    for t in committers {
+        t.join().unwrap();
+    }
+    done.store(true, Ordering::SeqCst);
+    for t in threads {
+        t.join().unwrap();
+    }
+    closer.join().unwrap();
+    reaper.join().unwrap();
+    for slot in slots.iter() {
+        let s = slot.swap(0, Ordering::SeqCst);
+        if s != 0 {
+            let _ = e.close_session(s);
+        }
+    }
+    let st = e.stats();
+    assert_eq!(
+        (
+            st.leases,
+            st.reservations,
+            st.sessions,
+            st.staging_used_bytes
+        ),
+        (0, 0, 0, 0),
+        "{st:?}"
+    );
+    assert!(st.commits > 0, "{st:?}");
+    let s = e.open_session().unwrap();
+    let mut live_pages = 0;
+    for k in 0..KEYS {
+        if let Some(bytes) = get_one(&e, s, &[k]) {
+            check_stress_value(k, &bytes);
+            live_pages += pages_of(bytes.len() as u64, 1);
+        }
+    }
+    let st = e.stats();
+    assert_eq!(st.used_bytes, live_pages * PAGE, "{st:?}");
+    let keys: Vec<[u8; 1]> = (0..KEYS).map(|k| [k]).collect();
+    let refs: Vec<&[u8]> = keys.iter().map(|k| &k[..]).collect();
+    e.delete(&refs).unwrap();
+    assert_eq!(e.stats().used_bytes, 0);
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Put(u8, u8, usize),
     Get(u8),
     Delete(u8),
+    /// Lease the n-th cached key and keep the lease.
     Hold(u8),
+    ReleaseOne(usize),
     ReleaseAll,
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (0u8..40, any::<u8>(), 1usize..12_000).prop_map(|(k, s, l)| Op::Put(k, s, l)),
-        4 => (0u8..40).prop_map(Op::Get),
+        3 => (0u8..40).prop_map(Op::Get),
         1 => (0u8..40).prop_map(Op::Delete),
-        1 => (0u8..40).prop_map(Op::Hold),
+        3 => (0u8..40).prop_map(Op::Hold),
+        2 => any::<usize>().prop_map(Op::ReleaseOne),
         1 => Just(Op::ReleaseAll),
     ]
 }
+
+/// The model check's arena, and its largest entry (a value of under 12,000 bytes and its key).
+const ARENA_PAGES: u64 = 24;
+const MAX_ENTRY_PAGES: u64 = 3;
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
     /// Against a HashMap of the last value put for each key: a hit always returns exactly
     /// that value (eviction may turn hits into misses, never into wrong values), a deleted key
     /// misses, a held lease always reads the bytes it was granted, and space accounting
-    /// returns to zero once everything is deleted and released.
+    /// returns to zero once everything is deleted and released. Two oracles on puts: a put is
+    /// refused for space only when no run of unpinned pages (free, or held by unleased
+    /// entries) is long enough, and a put evicts less than its own size plus one entry.
     #[test]
     fn model_check(ops in proptest::collection::vec(op(), 1..300), lru in any::<bool>()) {
         let e = Engine::new(EngineConfig {
-            capacity: 24 * PAGE,
+            capacity: ARENA_PAGES * PAGE,
             staging: 8 * PAGE,
             max_value: 4 * PAGE,
             policy: if lru { EvictionPolicy::Lru } else { EvictionPolicy::S3Fifo },
@@ -439,16 +983,43 @@ proptest! {
         }).unwrap();
         let s = e.open_session().unwrap();
         let mut model: HashMap<u8, Vec<u8>> = HashMap::new();
-        let mut held = Vec::new();
+        let mut held: Vec<(Lease, Vec<u8>)> = Vec::new();
         for op in ops {
             match op {
                 Op::Put(k, seed, len) => {
                     let v = value(seed, len);
                     let key = [k];
                     let it = PutItem { overwrite: true, ..item(&key) };
+                    let needed = pages_of(len as u64, 1);
+                    // Held leases pin their entries' pages (overwritten or deleted ones too);
+                    // every other page is free or can be evicted.
+                    let mut pinned = vec![false; ARENA_PAGES as usize];
+                    for (l, _) in &held {
+                        let first = l.offset / PAGE;
+                        for p in first..first + pages_of(l.len, 1) {
+                            pinned[p as usize] = true;
+                        }
+                    }
+                    let window = pinned.split(|&p| p).map(<[bool]>::len).max().unwrap_or(0) as u64;
+                    let cached: Vec<u8> = model.keys().copied().filter(|&c| c != k && present(&e, &[c])).collect();
                     match e.put_local(s, it, &v) {
-                        Ok(_) => { model.insert(k, v); }
-                        Err(EngineError::NoSpace { .. }) => {}
+                        Ok(_) => {
+                            model.insert(k, v);
+                            let evicted: u64 = cached
+                                .iter()
+                                .filter(|&&c| !present(&e, &[c]))
+                                .map(|c| pages_of(model[c].len() as u64, 1))
+                                .sum();
+                            prop_assert!(
+                                evicted < needed + MAX_ENTRY_PAGES,
+                                "a {}-page put evicted {} pages", needed, evicted
+                            );
+                        }
+                        Err(EngineError::NoSpace { what }) => prop_assert!(
+                            window < needed,
+                            "{}-page put refused ({}) with a run of {} unpinned pages",
+                            needed, what, window
+                        ),
                         Err(err) => prop_assert!(false, "put failed: {}", err),
                     }
                 }
@@ -461,13 +1032,25 @@ proptest! {
                     e.delete(&[&[k]]).unwrap();
                     model.remove(&k);
                 }
-                Op::Hold(k) => {
+                Op::Hold(i) => {
+                    // Lease one of the keys cached now, so that pins are common.
+                    let cached: Vec<u8> = (0u8..40).filter(|&c| present(&e, &[c])).collect();
+                    let Some(&k) = cached.get(usize::from(i) % cached.len().max(1)) else {
+                        continue;
+                    };
                     if let Ok(mut v) = e.get(s, &[&[k]])
                         && let Some(l) = v.pop().unwrap()
                     {
                         let bytes = e.read_leased(s, &l).unwrap();
                         prop_assert_eq!(Some(&bytes), model.get(&k));
                         held.push((l, bytes));
+                    }
+                }
+                Op::ReleaseOne(i) => {
+                    if !held.is_empty() {
+                        let (l, bytes) = held.swap_remove(i % held.len());
+                        prop_assert_eq!(e.read_leased(s, &l).unwrap(), bytes);
+                        e.release(s, &[l.id]).unwrap();
                     }
                 }
                 Op::ReleaseAll => {
