@@ -671,37 +671,6 @@ async fn traces_are_exported_over_otlp() {
 
 /// The init container's job: `nencache-agent prepare-dir` creates the socket directory with
 /// the owner and mode asked for, and refuses a mode that is not octal.
-#[test]
-fn prepare_dir_readies_a_socket_directory() {
-    use std::os::unix::fs::MetadataExt;
-    let dir = tempfile::tempdir().unwrap();
-    let target = dir.path().join("run/nencache");
-    let (uid, gid) = (
-        rustix::process::getuid().as_raw().to_string(),
-        rustix::process::getgid().as_raw().to_string(),
-    );
-    let out = std::process::Command::new(AGENT)
-        .args(["prepare-dir", "--uid", &uid, "--gid", &gid, "--mode", "750"])
-        .arg(&target)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let m = std::fs::metadata(&target).unwrap();
-    assert_eq!(m.mode() & 0o7777, 0o750);
-    assert_eq!(m.uid().to_string(), uid);
-    let out = std::process::Command::new(AGENT)
-        .args(["prepare-dir", "--mode", "rwx"])
-        .arg(&target)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not an octal mode"));
-}
-
 /// A batch bigger than one pipelined group (2 MiB), with keys already cached among the new
 /// ones, over both transports and with checksums: every outcome lines up with its put and
 /// every value reads back.

@@ -156,6 +156,14 @@ fn the_subcommand_refuses_root_as_the_owner_and_says_why_it_refuses() {
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("refusing to prepare"), "{stderr}");
     assert_eq!(owner_and_mode(&etc), before);
+
+    let out = Command::new(bin)
+        .args(["prepare-dir", "--mode", "rwx"])
+        .arg(dir.path().join("y"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not an octal mode"));
 }
 
 /// Runs `nencache-agent prepare-dir` as the init container does: root, with `CAP_CHOWN` as
