@@ -285,24 +285,15 @@ pub(crate) async fn get_on(s: &Arc<Session>, keys: &[&[u8]]) -> Result<Vec<Optio
         let room = s.sizer.budget.saturating_sub(used) / s.sizer.id();
         let (ids, settle) = s.queues.take_releases(room.min(s.sizer.max_batch));
         let n = r.len();
-        let call = s.call(&Request::Get(keys[r].to_vec(), ids.clone()), settle);
-        pending.push((n, ids, call));
+        pending.push((n, s.call(&Request::Get(keys[r].to_vec(), ids), settle)));
     }
     let mut out = Vec::with_capacity(keys.len());
-    for (n, carried, p) in pending {
+    for (n, p) in pending {
         let found = match p.await {
             Ok(Response::Get(found)) => found,
             Ok(_) => return Err(mismatched(op::GET)),
-            Err(e) => {
-                if matches!(e, ClientError::Status(_)) {
-                    // The leases it carried may not have been released: return them again
-                    // (one by one if need be; one already released is merely refused).
-                    for id in carried {
-                        s.queues.push_release(id);
-                    }
-                }
-                return Err(e);
-            }
+            // The agent applies the releases a get carries whatever becomes of the get.
+            Err(e) => return Err(e),
         };
         // Values first, so that an error below drops them all and so returns every lease.
         let values: Vec<Option<Value>> =

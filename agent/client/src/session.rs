@@ -356,12 +356,20 @@ fn grpc_call(
                 Response::Lookup(r.tiers.into_iter().map(|t| t as u8).collect())
             }
             Call::Get(release, r) => {
-                if !release.is_empty() {
-                    grpc.release(v1::ReleaseRequest {
-                        session,
-                        lease_ids: release,
-                    })
-                    .await?;
+                if !release.is_empty()
+                    && let Err(e) = grpc
+                        .release(v1::ReleaseRequest {
+                            session,
+                            lease_ids: release.clone(),
+                        })
+                        .await
+                {
+                    // As on the fast path, releases never fail the get: the flusher returns
+                    // them one by one.
+                    tracing::debug!(error = %e, "release refused; returning leases one by one");
+                    for id in release {
+                        queues.push_release(id);
+                    }
                 }
                 let items = grpc.get(r).await?.into_inner().items;
                 Response::Get(

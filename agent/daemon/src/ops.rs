@@ -192,18 +192,31 @@ impl Ops {
         Ok(self.engine.lookup(keys)?.tiers)
     }
 
-    /// Releases `release` (all or nothing), then leases the values of `keys`.
+    /// Releases the leases in `release`, each on its own (an unknown, foreign or repeated id
+    /// is skipped: a stale id must neither keep the others nor fail the get), then leases the
+    /// values of `keys`. The releases take effect whatever becomes of the get, so a client
+    /// never has to send them again.
     ///
     /// # Errors
-    /// As the engine's release and get; a refused release leases nothing.
+    /// More than `max_batch` leases to release (then nothing is done), or as the engine's
+    /// get.
     pub fn get(
         &self,
         session: u64,
         keys: &[&[u8]],
         release: &[u64],
     ) -> Result<Vec<Option<Lease>>, EngineError> {
-        if !release.is_empty() {
-            self.engine.release(session, release)?;
+        let max = self.engine.config().max_batch;
+        if release.len() > max {
+            return Err(EngineError::BatchTooLarge {
+                len: release.len(),
+                max,
+            });
+        }
+        if !release.is_empty() && self.engine.release(session, release).is_err() {
+            for &id in release {
+                let _ = self.engine.release(session, &[id]);
+            }
         }
         self.engine.get(session, keys)
     }
