@@ -1,13 +1,18 @@
 //! Eviction-policy comparison: replays a Zipf trace and a prefix-sharing chat trace through
 //! the real engine (a small arena, one page per chunk) under S3-FIFO and under LRU, and
-//! prints the hit ratio of each at several cache sizes.
+//! prints the hit ratio of each at several cache sizes; then replays a trace of mixed value
+//! sizes (64 KiB to 16 MiB) with leases held across requests, as real clients hold them, and
+//! prints the hit ratio and how many bytes each policy evicted per byte it admitted.
 
-use std::collections::HashSet;
+use std::{
+    cmp::Reverse,
+    collections::{BinaryHeap, HashSet},
+};
 
 use clap::Args;
 use nencache_engine::{
-    Engine, EngineConfig, EvictionPolicy, PutItem,
-    traces::{ChatConfig, ChatWorkload, zipf_trace},
+    Engine, EngineConfig, EngineError, EvictionPolicy, PutItem, Reserved,
+    traces::{ChatConfig, ChatWorkload, Rng, Zipf, zipf_trace},
 };
 
 /// Options of `nencache-bench policy`.
@@ -25,6 +30,18 @@ pub struct PolicyArgs {
     /// S3-FIFO small-queue shares to compare, in percent of the cache.
     #[arg(long, value_delimiter = ',', default_values_t = [10u8, 20, 30])]
     pub small_percent: Vec<u8>,
+    /// Mixed-size trace: requests.
+    #[arg(long, default_value_t = 20_000)]
+    pub mixed_requests: usize,
+    /// Mixed-size trace: distinct values (Zipf-popular, α as above).
+    #[arg(long, default_value_t = 1000)]
+    pub mixed_keys: usize,
+    /// Mixed-size trace: arena size in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub mixed_arena_mib: u64,
+    /// Mixed-size trace: a hit's lease is held for a uniform 0 to twice this many requests.
+    #[arg(long, default_value_t = 32)]
+    pub mixed_hold: usize,
 }
 
 const PAGE: u64 = 4096;
@@ -140,5 +157,159 @@ pub fn run(a: &PolicyArgs) -> anyhow::Result<()> {
             println!("| {name} | {pct}% ({pages}) | {lru:.4} |{cells}");
         }
     }
+    println!();
+    println!(
+        "Mixed sizes (64 KiB to 16 MiB, log-uniform), {} values, Zipf α={}, {} requests, {} MiB \
+         arena, hit leases held 0 to {} requests:",
+        a.mixed_keys,
+        a.alpha,
+        a.mixed_requests,
+        a.mixed_arena_mib,
+        2 * a.mixed_hold
+    );
+    println!();
+    println!(
+        "| policy | hit ratio | evicted/admitted bytes | same, puts that evicted | most evicted \
+         by one put | mean occupancy | entries leased (mean) | puts refused |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for (name, policy) in [
+        ("S3-FIFO (small 30%)", EvictionPolicy::S3Fifo),
+        ("LRU", EvictionPolicy::Lru),
+    ] {
+        let m = replay_mixed(policy, a)?;
+        println!(
+            "| {name} | {:.4} | {:.3} | {:.3} | {:.1} MiB ({:.1}% of the arena) | {:.1}% | {:.1} of {:.1} | {} |",
+            m.hit_ratio,
+            m.evicted_per_admitted,
+            m.evicted_per_admitted_evicting,
+            m.most_evicted as f64 / f64::from(1 << 20),
+            m.most_evicted as f64 * 100.0 / (a.mixed_arena_mib << 20) as f64,
+            m.occupancy * 100.0,
+            m.mean_leases,
+            m.mean_entries,
+            m.refused
+        );
+    }
     Ok(())
+}
+
+/// What the mixed-size replay measured, after the cache first filled.
+struct Mixed {
+    hit_ratio: f64,
+    /// Bytes evicted per byte admitted, over every put.
+    evicted_per_admitted: f64,
+    /// The same over the puts that evicted something.
+    evicted_per_admitted_evicting: f64,
+    /// The most bytes one put evicted.
+    most_evicted: u64,
+    /// Mean share of the arena in use, seen at each put.
+    occupancy: f64,
+    mean_leases: f64,
+    mean_entries: f64,
+    refused: u64,
+}
+
+/// Replays a Zipf trace of values of mixed sizes: a hit keeps its lease for a while (so leased
+/// entries are scattered through the arena, as with real clients), a miss puts the value.
+/// Evicted bytes are measured from the arena's use around each put (nothing else frees space
+/// in this trace: no deletes, overwrites or TTLs).
+fn replay_mixed(policy: EvictionPolicy, a: &PolicyArgs) -> anyhow::Result<Mixed> {
+    const MIN: f64 = 64.0 * 1024.0;
+    const MAX: u64 = 16 << 20;
+    let e = Engine::new(EngineConfig {
+        capacity: a.mixed_arena_mib << 20,
+        staging: 64 << 20,
+        max_value: MAX,
+        policy,
+        ..EngineConfig::default()
+    })?;
+    let s = e.open_session()?;
+    let mut rng = Rng::new(17);
+    let sizes: Vec<u64> = (0..a.mixed_keys)
+        .map(|_| ((MIN * (MAX as f64 / MIN).powf(rng.unit())) as u64).min(MAX))
+        .collect();
+    let zipf = Zipf::new(a.mixed_keys, a.alpha);
+    let mut held: BinaryHeap<Reverse<(usize, u64)>> = BinaryHeap::new();
+    let (mut hits, mut requests, mut refused) = (0u64, 0u64, 0u64);
+    let (mut admitted, mut evicted) = (0u64, 0u64);
+    let (mut admitted_ev, mut evicted_ev, mut most) = (0u64, 0u64, 0u64);
+    let (mut occupancy, mut leases, mut entries) = (0f64, 0f64, 0f64);
+    let mut warm = false;
+    for i in 0..a.mixed_requests {
+        while let Some(&Reverse((due, id))) = held.peek() {
+            if due > i {
+                break;
+            }
+            held.pop();
+            e.release(s, &[id])?;
+        }
+        let k = zipf.sample(&mut rng);
+        let key = (k as u64).to_le_bytes();
+        let got = e.get(s, &[&key])?;
+        if let Some(l) = got.into_iter().flatten().next() {
+            held.push(Reverse((i + rng.range(0, 2 * a.mixed_hold + 1), l.id)));
+            if warm {
+                hits += 1;
+                requests += 1;
+            }
+            continue;
+        }
+        let before = e.stats();
+        let it = PutItem {
+            key: &key,
+            value_len: sizes[k],
+            metadata: b"",
+            ttl: None,
+            overwrite: false,
+        };
+        // The value's bytes do not matter here: reserve and commit what staging holds.
+        let put = match e.reserve(s, &[it]) {
+            Ok(r) => match r[0] {
+                Reserved::Space { id, .. } => {
+                    e.commit(s, &[(id, None)])?;
+                    true
+                }
+                Reserved::Exists => false,
+            },
+            Err(EngineError::NoSpace { .. }) => {
+                refused += u64::from(warm);
+                false
+            }
+            Err(err) => return Err(err.into()),
+        };
+        let after = e.stats();
+        if !warm {
+            // Measure from the first eviction on: the cache is full from there.
+            warm = after.evictions > 0;
+            continue;
+        }
+        requests += 1;
+        occupancy += after.used_bytes as f64 / after.capacity_bytes as f64;
+        leases += after.leases as f64;
+        entries += after.entries as f64;
+        if put {
+            let page = 4096;
+            let size = (sizes[k] + key.len() as u64).div_ceil(page) * page;
+            let ev = (before.used_bytes + size).saturating_sub(after.used_bytes);
+            admitted += size;
+            evicted += ev;
+            if ev > 0 {
+                admitted_ev += size;
+                evicted_ev += ev;
+                most = most.max(ev);
+            }
+        }
+    }
+    let n = requests.max(1) as f64;
+    Ok(Mixed {
+        hit_ratio: hits as f64 / n,
+        evicted_per_admitted: evicted as f64 / admitted.max(1) as f64,
+        evicted_per_admitted_evicting: evicted_ev as f64 / admitted_ev.max(1) as f64,
+        most_evicted: most,
+        occupancy: occupancy / (requests - hits).max(1) as f64,
+        mean_leases: leases / (requests - hits).max(1) as f64,
+        mean_entries: entries / (requests - hits).max(1) as f64,
+        refused,
+    })
 }

@@ -124,10 +124,12 @@ pub(crate) struct Policy {
 
 impl Policy {
     /// Policy state for `capacity` entries in `capacity_bytes`, the small queue starting at
-    /// `small_percent` of it.
+    /// `small_percent` of it; the ghost remembers about `ghost` hashes (as many as the cache
+    /// holds entries of one page).
     pub(crate) fn new(
         kind: EvictionPolicy,
         capacity: u32,
+        ghost: u32,
         capacity_bytes: u64,
         small_percent: u8,
     ) -> Self {
@@ -144,7 +146,7 @@ impl Policy {
             bytes: [0; 2],
             len: [0; 2],
             small_target: capacity_bytes * u64::from(small_percent) / 100,
-            ghost: Ghost::new(n),
+            ghost: Ghost::new(ghost as usize),
         }
     }
 
@@ -377,7 +379,7 @@ mod tests {
     fn leased_entries_cost_eviction_once_not_every_time() {
         for kind in [EvictionPolicy::S3Fifo, EvictionPolicy::Lru] {
             let n = 1000u32;
-            let mut p = Policy::new(kind, n + 20, u64::from(n + 20), 30);
+            let mut p = Policy::new(kind, n + 20, n + 20, u64::from(n + 20), 30);
             for e in 0..n + 10 {
                 p.insert(e, u128::from(e), 1);
             }
@@ -411,7 +413,7 @@ mod tests {
     #[test]
     fn restore_in_reverse_order_puts_victims_back_in_place() {
         for kind in [EvictionPolicy::S3Fifo, EvictionPolicy::Lru] {
-            let mut p = Policy::new(kind, 32, 1 << 20, 30);
+            let mut p = Policy::new(kind, 32, 32, 1 << 20, 30);
             for e in 0..20 {
                 p.insert(e, u128::from(e), 1);
             }
@@ -446,7 +448,7 @@ mod tests {
     /// one leaves nothing behind.
     #[test]
     fn parked_entries_return_as_read() {
-        let mut p = Policy::new(EvictionPolicy::S3Fifo, 8, 1 << 20, 30);
+        let mut p = Policy::new(EvictionPolicy::S3Fifo, 8, 8, 1 << 20, 30);
         for e in 0..4 {
             p.insert(e, u128::from(e), 1);
         }
