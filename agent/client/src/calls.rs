@@ -12,12 +12,63 @@ use nencache_api::{
     v1,
 };
 
+use nencache_engine::{EngineError, MAX_KEY_LEN};
+
 use crate::{
     ClientError, Put, PutOutcome, Slot, Value, checksum,
-    session::{Session, count, mismatched},
+    session::{Held, Session, count, mismatched},
 };
 
 type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// A request the client refuses before sending, with the code and words the agent would use.
+fn invalid(e: &EngineError) -> ClientError {
+    ClientError::Status(tonic::Status::invalid_argument(e.to_string()))
+}
+
+/// Checks keys against the agent's limits before they are encoded (a key longer than its
+/// length field would otherwise wrap and be read as other fields).
+pub(crate) fn check_keys(s: &Session, keys: &[&[u8]]) -> Result<()> {
+    let max = match s.info.limits.max_key_len {
+        0 => MAX_KEY_LEN,
+        n => n as usize,
+    }
+    .min(usize::from(u16::MAX));
+    match keys.iter().find(|k| k.is_empty() || k.len() > max) {
+        Some(k) => Err(invalid(&EngineError::InvalidKey { len: k.len(), max })),
+        None => Ok(()),
+    }
+}
+
+/// Checks put items (key, metadata, value length) against the agent's limits.
+pub(crate) fn check_items(s: &Session, items: &[ReserveItem<'_>]) -> Result<()> {
+    let limits = &s.info.limits;
+    let max_meta = match limits.max_metadata_len {
+        0 => 4096,
+        n => n as usize,
+    }
+    .min(usize::from(u16::MAX));
+    let max_value = match limits.max_value_len {
+        0 => u64::MAX,
+        n => n,
+    };
+    for it in items {
+        check_keys(s, &[it.key])?;
+        if it.metadata.len() > max_meta {
+            return Err(invalid(&EngineError::MetadataTooLarge {
+                len: it.metadata.len(),
+                max: max_meta,
+            }));
+        }
+        if it.value_len > max_value {
+            return Err(invalid(&EngineError::ValueTooLarge {
+                len: it.value_len,
+                max: max_value,
+            }));
+        }
+    }
+    Ok(())
+}
 
 /// Values written to staging before their commit is sent, when a batch is pipelined.
 const PIPELINE_BYTES: usize = 2 << 20;
@@ -40,44 +91,53 @@ pub(crate) fn partial(outcomes: Vec<Option<PutOutcome>>, e: ClientError) -> Clie
     }
 }
 
-/// The rounds a batch of puts is sent in: each round's reserve fits one request, and its
-/// values fit the staging space and reservations one session may hold.
-pub(crate) fn rounds(s: &Session, items: &[ReserveItem<'_>]) -> Vec<Range<usize>> {
-    let limits = &s.info.limits;
-    let page = u64::from(s.info.page_size.max(1));
-    let staging_quota = match limits.max_staging_per_session {
-        0 => s.staging_len() as u64,
-        n => n,
-    };
-    let max_items = match limits.max_reservations_per_session {
-        0 => s.sizer.max_batch,
-        n => s.sizer.max_batch.min(n as usize),
-    };
-    let mut out = Vec::new();
-    let (mut start, mut bytes, mut staging) = (0, 0, 0u64);
-    for (i, it) in items.iter().enumerate() {
+/// One round of a batch of puts or reserves: its items, and the staging pages they take.
+pub(crate) struct Round {
+    pub(crate) items: Range<usize>,
+    pages: u64,
+}
+
+impl Round {
+    /// Takes the round's share of the session's quota, waiting up to `wait` for it.
+    pub(crate) async fn hold(&self, s: &Session, wait: Option<Duration>) -> Result<Arc<Held>> {
+        let held = s.quota.acquire(self.items.len(), self.pages, wait).await?;
+        Ok(Arc::new(held))
+    }
+}
+
+/// The next round of a batch of puts or reserves, from item `start`: its reserve fits one
+/// request, and its values fit what the session's quota has free now (at least one item,
+/// which waits for its share if need be), so that calls sharing the session, or slots it
+/// still holds, shrink a round instead of failing it.
+pub(crate) fn next_round(s: &Session, items: &[ReserveItem<'_>], start: usize) -> Round {
+    let q = &s.quota;
+    let (free_items, free_pages) = q.available();
+    let max_items = s.sizer.max_batch.min(free_items.max(1));
+    let (mut end, mut bytes, mut pages) = (start, 0, 0u64);
+    for it in &items[start..] {
         let size = s.sizer.reserve(it);
-        let pages = it.value_len.div_ceil(page).max(1) * page;
-        if i > start
-            && (i - start == max_items
+        let p = q.pages(it.value_len);
+        if end > start
+            && (end - start == max_items
                 || bytes + size > s.sizer.budget
-                || staging + pages > staging_quota)
+                || pages + p > free_pages.min(q.max_pages))
         {
-            out.push(start..i);
-            (start, bytes, staging) = (i, 0, 0);
+            break;
         }
         bytes += size;
-        staging += pages;
+        pages += p;
+        end += 1;
     }
-    if items.len() > start {
-        out.push(start..items.len());
+    Round {
+        items: start..end,
+        pages,
     }
-    out
 }
 
 /// One reserve request; slots are checked against the staging area.
 pub(crate) async fn reserve(
     s: &Arc<Session>,
+    held: &Arc<Held>,
     items: &[ReserveItem<'_>],
 ) -> Result<Vec<Option<Slot>>> {
     let sent = Instant::now();
@@ -104,6 +164,7 @@ pub(crate) async fn reserve(
                 len: len as usize,
                 write_by,
                 armed: true,
+                held: Some(held.clone()),
             })
         })
         .collect();
@@ -123,11 +184,12 @@ pub(crate) async fn reserve(
 /// there what was stored.
 pub(crate) async fn put_round(
     s: &Arc<Session>,
+    held: &Arc<Held>,
     items: &[ReserveItem<'_>],
     puts: &[Put<'_>],
     outcomes: &mut [Option<PutOutcome>],
 ) -> Result<()> {
-    let slots = reserve(s, items).await?;
+    let slots = reserve(s, held, items).await?;
     for (o, slot) in outcomes.iter_mut().zip(&slots) {
         if slot.is_none() {
             *o = Some(PutOutcome::Exists);
@@ -222,6 +284,7 @@ pub(crate) fn value(s: &Arc<Session>, f: Found) -> Value {
 }
 
 pub(crate) async fn lookup_on(s: &Arc<Session>, keys: &[&[u8]]) -> Result<(usize, Vec<v1::Tier>)> {
+    check_keys(s, keys)?;
     let mut tiers = Vec::new();
     for r in s.sizer.split(keys.iter().map(|k| s.sizer.key(k))) {
         let want = r.len();
@@ -257,15 +320,30 @@ pub(crate) async fn put_many_on(s: &Arc<Session>, puts: &[Put<'_>]) -> Result<Ve
             overwrite: false,
         })
         .collect();
+    check_items(s, &items)?;
     let mut outcomes: Vec<Option<PutOutcome>> = vec![None; puts.len()];
-    for round in rounds(s, &items) {
+    let mut start = 0;
+    while start < items.len() {
+        let round = next_round(s, &items, start);
+        start = round.items.end;
+        // Held until every commit of the round is answered. Other tasks' rounds give theirs
+        // back within a round trip or two; slots the caller keeps may never: wait at most a
+        // reservation timeout.
+        let wait = Duration::from_millis(s.info.limits.reservation_timeout_ms.max(1000));
+        let held = round
+            .hold(s, Some(wait))
+            .await
+            .map_err(|e| partial(outcomes.clone(), e))?;
+        let r = round.items;
         let r = put_round(
             s,
-            &items[round.clone()],
-            &puts[round.clone()],
-            &mut outcomes[round],
+            &held,
+            &items[r.clone()],
+            &puts[r.clone()],
+            &mut outcomes[r],
         )
         .await;
+        drop(held);
         if let Err(e) = r {
             return Err(partial(outcomes, e));
         }
@@ -277,6 +355,7 @@ pub(crate) async fn put_many_on(s: &Arc<Session>, puts: &[Put<'_>]) -> Result<Ve
 }
 
 pub(crate) async fn get_on(s: &Arc<Session>, keys: &[&[u8]]) -> Result<Vec<Option<Value>>> {
+    check_keys(s, keys)?;
     let sizes: Vec<usize> = keys.iter().map(|k| s.sizer.key(k)).collect();
     let mut pending = Vec::new();
     for r in s.sizer.split(sizes.iter().copied()) {
@@ -285,15 +364,24 @@ pub(crate) async fn get_on(s: &Arc<Session>, keys: &[&[u8]]) -> Result<Vec<Optio
         let room = s.sizer.budget.saturating_sub(used) / s.sizer.id();
         let (ids, settle) = s.queues.take_releases(room.min(s.sizer.max_batch));
         let n = r.len();
-        pending.push((n, s.call(&Request::Get(keys[r].to_vec(), ids), settle)));
+        let call = s.call(&Request::Get(keys[r].to_vec(), ids.clone()), settle);
+        pending.push((n, ids, call));
     }
     let mut out = Vec::with_capacity(keys.len());
-    for (n, p) in pending {
+    for (n, carried, p) in pending {
         let found = match p.await {
             Ok(Response::Get(found)) => found,
             Ok(_) => return Err(mismatched(op::GET)),
-            // The agent applies the releases a get carries whatever becomes of the get.
-            Err(e) => return Err(e),
+            Err(e) => {
+                // The agent applies the releases a get carries unless it refused the get as
+                // invalid, which did nothing: then they go again.
+                if e.code() == Some(tonic::Code::InvalidArgument) {
+                    for id in carried {
+                        s.queues.push_release(id);
+                    }
+                }
+                return Err(e);
+            }
         };
         // Values first, so that an error below drops them all and so returns every lease.
         let values: Vec<Option<Value>> =

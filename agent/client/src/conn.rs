@@ -177,6 +177,8 @@ impl Conn {
         if self.live.is_dead() {
             let _ = out.pending.reply.send(Err(self.live.error()));
         } else if let Err(mpsc::error::SendError(out)) = self.tx.send(out) {
+            self.live
+                .kill("the session's tasks stopped (their runtime shut down)");
             let _ = out.pending.reply.send(Err(self.live.error()));
         }
         rx

@@ -7,14 +7,15 @@ use crate::PutOutcome;
 /// What went wrong in a client call.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The gRPC channel could not be opened.
-    #[error("connecting to {socket}: {source}")]
+    /// No agent answered on the socket (none runs, it is starting or restarting, or this
+    /// process may not connect): the gRPC channel could not be opened or the handshake did
+    /// not get through.
+    #[error("connecting to {}: {reason}", .socket.display())]
     Connect {
         /// The socket.
         socket: PathBuf,
-        /// Why.
-        #[source]
-        source: tonic::transport::Error,
+        /// Why, with every cause ("transport error: Permission denied").
+        reason: String,
     },
     /// The agent refused or failed a call.
     #[error("{}: {}", .0.code(), .0.message())]
@@ -51,6 +52,21 @@ pub enum ClientError {
         #[source]
         source: Box<ClientError>,
     },
+}
+
+/// An error and its causes, joined: a transport error's own text says little ("transport
+/// error"); the cause ("Permission denied") is what the reader needs.
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out = format!("{out}: {text}");
+        }
+        cause = c.source();
+    }
+    out
 }
 
 impl ClientError {

@@ -13,9 +13,12 @@
 //!
 //! Every call may be cancelled (a timeout dropping its future): the request still completes,
 //! and leases or reservations it obtained are returned in the background. Batches of any size
-//! are split to fit the limits the agent announced. When the agent restarts, the call under
-//! way fails with [`ClientError::Disconnected`] and the next call attaches a new session;
-//! values of the old session stay readable (they map the old region) until dropped.
+//! are split to fit the limits the agent announced, and puts share the session's quotas among
+//! the tasks that use one client. When the agent restarts, a lookup, get or put under way that
+//! had changed nothing runs once more on a new session; any other call under way fails with
+//! [`ClientError::Disconnected`] and the next call attaches a new session. While no agent
+//! answers, calls fail with [`ClientError::Connect`]. Values of an old session stay readable
+//! (they map the old region) until dropped.
 //!
 //! Chunk keys for prompts come from [`ChunkKeys`] (re-exported from the engine).
 //!
@@ -60,8 +63,8 @@ pub use nencache_engine::{ChunkKeys, DEFAULT_CHUNK_SIZE, MAX_KEY_LEN, checksum, 
 
 use crate::{
     calls::{
-        commit_outcomes, get_on, group_by_session, lookup_on, partial, put_many_on, reserve,
-        rounds, ttl_ms,
+        check_items, check_keys, commit_outcomes, get_on, group_by_session, lookup_on, next_round,
+        partial, put_many_on, reserve, ttl_ms,
     },
     session::{Session, mismatched},
 };
@@ -275,10 +278,12 @@ impl Client {
 
     /// Reserves staging slots; `None` for keys already cached. All or nothing: when a batch
     /// is sent in several requests and one is refused, the slots already reserved are
-    /// aborted.
+    /// aborted. Slots count against the session's quotas (`max_reservations_per_session`,
+    /// `max_staging_per_session`) until committed, aborted or dropped.
     ///
     /// # Errors
-    /// The agent's refusal or a transport error; then nothing is reserved.
+    /// The agent's refusal, `RESOURCE_EXHAUSTED` when the session's quota is held by other
+    /// slots or calls of this client, or a transport error; then nothing is reserved.
     pub async fn reserve(&self, items: &[Reserve<'_>]) -> Result<Vec<Option<Slot>>> {
         let s = self.live().await?;
         let items: Vec<ReserveItem<'_>> = items
@@ -291,10 +296,15 @@ impl Client {
                 overwrite: false,
             })
             .collect();
+        check_items(&s, &items)?;
         let mut slots = Vec::with_capacity(items.len());
-        for round in rounds(&s, &items) {
-            // Slots of earlier rounds are aborted when dropped on this error.
-            slots.extend(reserve(&s, &items[round]).await?);
+        while slots.len() < items.len() {
+            let round = next_round(&s, &items, slots.len());
+            // Slots hold their round's share of the session's quota until consumed; slots
+            // of earlier rounds are aborted when dropped on an error here.
+            // Slots may be kept for long: never wait for another call's share.
+            let held = round.hold(&s, None).await?;
+            slots.extend(reserve(&s, &held, &items[round.items]).await?);
         }
         Ok(slots)
     }
@@ -321,6 +331,8 @@ impl Client {
         for group in group_by_session(slots) {
             let s = group[0].session.clone();
             let ranges = s.sizer.split(group.iter().map(|_| s.sizer.commit()));
+            // The slots' quota shares stay held until their commits are answered.
+            let held: Vec<_> = group.iter().map(|slot| slot.held.clone()).collect();
             let mut ids: Vec<(u64, Option<u64>)> = group
                 .into_iter()
                 .map(|slot| (slot.disarm(), None))
@@ -332,7 +344,9 @@ impl Client {
                 pending.push((at, n, s.call(&Request::Commit(part), None)));
                 at += n;
             }
-            for (start, n, p) in pending {
+            let answers = pending;
+            let _held = held;
+            for (start, n, p) in answers {
                 match commit_outcomes(p.await, n) {
                     Ok(o) => {
                         for (slot, o) in outcomes[start..start + n].iter_mut().zip(o) {
@@ -410,6 +424,7 @@ impl Client {
     /// The agent's refusal or a transport error.
     pub async fn delete(&self, keys: &[&[u8]]) -> Result<usize> {
         let s = self.live().await?;
+        check_keys(&s, keys)?;
         let sizer = batch::Sizer {
             fast: false,
             ..s.sizer
@@ -419,7 +434,8 @@ impl Client {
             let req = v1::DeleteRequest {
                 keys: keys[r].iter().map(|k| k.to_vec()).collect(),
             };
-            deleted += s.grpc.clone().delete(req).await?.into_inner().deleted as usize;
+            let r = s.grpc.clone().delete(req).await;
+            deleted += r.map_err(|e| s.grpc_error(e))?.into_inner().deleted as usize;
         }
         Ok(deleted)
     }
@@ -430,11 +446,8 @@ impl Client {
     /// A transport error.
     pub async fn stats(&self) -> Result<v1::StatsResponse> {
         let s = self.live().await?;
-        Ok(s.grpc
-            .clone()
-            .stats(v1::StatsRequest {})
-            .await?
-            .into_inner())
+        let r = s.grpc.clone().stats(v1::StatsRequest {}).await;
+        Ok(r.map_err(|e| s.grpc_error(e))?.into_inner())
     }
 }
 

@@ -50,7 +50,98 @@ pub(crate) struct Session {
     pub(crate) fast: bool,
     pub(crate) verify: bool,
     pub(crate) sizer: Sizer,
+    /// What the session may hold in reservations, shared by every call on it.
+    pub(crate) quota: Quota,
     flusher: tokio::task::AbortHandle,
+}
+
+/// The session's reservation quotas (count, and staging pages), mirrored on the client side:
+/// a round of puts or reserves waits for its share instead of being refused because other
+/// calls on the same session (other tasks, slots not committed yet) hold the rest.
+#[derive(Debug)]
+pub(crate) struct Quota {
+    reservations: Arc<tokio::sync::Semaphore>,
+    pages: Arc<tokio::sync::Semaphore>,
+    /// Most reservations, and most staging pages, one round may take.
+    pub(crate) max_reservations: usize,
+    pub(crate) max_pages: u64,
+    pub(crate) page: u64,
+}
+
+/// A share of the session's quota, given back when dropped.
+#[derive(Debug)]
+pub(crate) struct Held {
+    _reservations: tokio::sync::OwnedSemaphorePermit,
+    _pages: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Quota {
+    fn new(limits: &v1::Limits, staging_len: u64, page: u64) -> Self {
+        let max_reservations = match limits.max_reservations_per_session {
+            0 => tokio::sync::Semaphore::MAX_PERMITS.min(u32::MAX as usize),
+            n => n as usize,
+        };
+        let max_pages = match limits.max_staging_per_session {
+            0 => staging_len,
+            n => n.min(staging_len),
+        } / page;
+        Self {
+            reservations: Arc::new(tokio::sync::Semaphore::new(max_reservations)),
+            pages: Arc::new(tokio::sync::Semaphore::new(max_pages as usize)),
+            max_reservations,
+            max_pages,
+            page,
+        }
+    }
+
+    /// Reservations and staging pages free now.
+    pub(crate) fn available(&self) -> (usize, u64) {
+        (
+            self.reservations.available_permits(),
+            self.pages.available_permits() as u64,
+        )
+    }
+
+    /// Staging pages a value of `len` bytes takes (as the agent counts them).
+    pub(crate) fn pages(&self, len: u64) -> u64 {
+        len.div_ceil(self.page).max(1)
+    }
+
+    /// Takes `reservations` reservations and `pages` staging pages of the quota, waiting up
+    /// to `wait` for them (not at all when `None`). Refused as the agent would refuse it
+    /// (`RESOURCE_EXHAUSTED`) when they do not come free in time.
+    pub(crate) async fn acquire(
+        &self,
+        reservations: usize,
+        pages: u64,
+        wait: Option<Duration>,
+    ) -> Result<Held> {
+        use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+        let r = reservations.min(self.max_reservations) as u32;
+        let p = pages.min(self.max_pages) as u32;
+        let take = |sem: &Arc<Semaphore>, n: u32, what: &'static str| {
+            let sem = sem.clone();
+            async move {
+                let refused = || {
+                    ClientError::Status(tonic::Status::resource_exhausted(format!(
+                        "no space: {what} (held by other calls or slots of this client)"
+                    )))
+                };
+                let got: Option<OwnedSemaphorePermit> = match wait {
+                    None => sem.try_acquire_many_owned(n).ok(),
+                    Some(w) => tokio::time::timeout(w, sem.acquire_many_owned(n))
+                        .await
+                        .ok()
+                        .and_then(Result::ok),
+                };
+                got.ok_or_else(refused)
+            }
+        };
+        Ok(Held {
+            _reservations: take(&self.reservations, r, "reservations of this session").await?,
+            _pages: take(&self.pages, p, "staging space of this session").await?,
+        })
+    }
 }
 
 impl Drop for Session {
@@ -74,9 +165,9 @@ impl Session {
                 }
             }))
             .await
-            .map_err(|source| ClientError::Connect {
+            .map_err(|e| ClientError::Connect {
                 socket: socket.to_path_buf(),
-                source,
+                reason: crate::error::chain(&e),
             })?;
         // Requests are split to fit the agent's limit; answers are bounded by its limits.
         let mut grpc = NodeCacheClient::new(channel)
@@ -88,7 +179,19 @@ impl Session {
                 client_name: options.client_name.clone(),
                 tenant: String::new(),
             })
-            .await?
+            .await
+            .map_err(|st| {
+                use std::error::Error;
+                // A transport failure means no agent answered; anything else is its answer.
+                if st.source().is_some() {
+                    ClientError::Connect {
+                        socket: socket.to_path_buf(),
+                        reason: crate::error::chain(&st),
+                    }
+                } else {
+                    ClientError::Status(st)
+                }
+            })?
             .into_inner();
         let version = nencache_api::negotiate(hs.protocol_version)
             .filter(|&v| v == hs.protocol_version)
@@ -132,6 +235,7 @@ impl Session {
         let queues = Arc::new(Queues::default());
         let (conn, live) = Conn::start(stream, queues.clone() as Arc<dyn Orphans>);
         let sizer = Sizer::new(options.fast_path, &limits);
+        let quota = Quota::new(&limits, reply.staging_len, u64::from(hs.page_size.max(1)));
         let info = AgentInfo {
             agent_version: hs.agent_version,
             protocol_version: version,
@@ -154,6 +258,7 @@ impl Session {
                 fast: options.fast_path,
                 verify: options.verify_puts,
                 sizer,
+                quota,
                 flusher,
             }
         }))
@@ -161,6 +266,11 @@ impl Session {
 
     pub(crate) fn is_dead(&self) -> bool {
         self.live.is_dead()
+    }
+
+    /// `st`, from a gRPC call on this session, as the error the caller should see.
+    pub(crate) fn grpc_error(&self, st: tonic::Status) -> ClientError {
+        grpc_error(&self.live, st)
     }
 
     pub(crate) fn disconnected(&self) -> ClientError {
@@ -213,8 +323,14 @@ impl Session {
                     )),
                     resp => Ok(resp),
                 },
+                Ok(Err(ClientError::Status(st))) => Err(grpc_error(&live, st)),
                 Ok(Err(e)) => Err(e),
-                Err(_) => Err(live.error()),
+                Err(_) => {
+                    // The tasks that serve the session are gone (their runtime shut down):
+                    // the next call attaches a new session on the caller's runtime.
+                    live.kill("the session's tasks stopped (their runtime shut down)");
+                    Err(live.error())
+                }
             }
         }
     }
@@ -268,6 +384,27 @@ impl Session {
             _ => {}
         }
     }
+}
+
+/// A gRPC failure as the caller should see it: a transport failure (the agent is gone) or an
+/// agent that no longer knows the session (it restarted) ends the session, so that the next
+/// call attaches a new one, and is [`ClientError::Disconnected`]; anything else is the
+/// agent's answer.
+fn grpc_error(live: &Liveness, st: tonic::Status) -> ClientError {
+    use std::error::Error;
+    let unknown_session = st.code() == tonic::Code::FailedPrecondition
+        && st.message().starts_with("unknown or closed session");
+    if st.source().is_some() || unknown_session {
+        let mut why = format!("gRPC: {}", st.message());
+        let mut cause = st.source();
+        while let Some(c) = cause {
+            why = format!("{why}: {c}");
+            cause = c.source();
+        }
+        live.kill(why);
+        return live.error();
+    }
+    ClientError::Status(st)
 }
 
 /// Returns the leases of dropped values and the reservations of dropped slots in the

@@ -18,7 +18,11 @@ use nencache_api::frame::{Response, op};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use crate::{conn::Orphans, error::ClientError, session::Session};
+use crate::{
+    conn::Orphans,
+    error::ClientError,
+    session::{Held, Session},
+};
 
 /// Lease ids of dropped values and reservation ids of dropped slots, waiting to be returned.
 /// Whoever sends releases (a get carrying them, the background flusher, `flush_releases`)
@@ -181,6 +185,8 @@ pub struct Slot {
     /// After this the agent may have reclaimed the reservation: writing is refused.
     pub(crate) write_by: Instant,
     pub(crate) armed: bool,
+    /// The share of the session's quota its reservation round holds.
+    pub(crate) held: Option<Arc<Held>>,
 }
 
 impl Slot {

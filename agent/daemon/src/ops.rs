@@ -194,24 +194,27 @@ impl Ops {
 
     /// Releases the leases in `release`, each on its own (an unknown, foreign or repeated id
     /// is skipped: a stale id must neither keep the others nor fail the get), then leases the
-    /// values of `keys`. The releases take effect whatever becomes of the get, so a client
-    /// never has to send them again.
+    /// values of `keys`. A request refused as invalid (a bad key, more than `max_batch` keys
+    /// or leases) does nothing; otherwise the releases take effect whatever becomes of the
+    /// get (a full lease quota, say), so a client never has to send them again.
     ///
     /// # Errors
-    /// More than `max_batch` leases to release (then nothing is done), or as the engine's
-    /// get.
+    /// An invalid request (then nothing is done), or as the engine's get.
     pub fn get(
         &self,
         session: u64,
         keys: &[&[u8]],
         release: &[u64],
     ) -> Result<Vec<Option<Lease>>, EngineError> {
+        // A GET refused as invalid does nothing at all, its releases included.
         let max = self.engine.config().max_batch;
-        if release.len() > max {
-            return Err(EngineError::BatchTooLarge {
-                len: release.len(),
-                max,
-            });
+        for len in [keys.len(), release.len()] {
+            if len > max {
+                return Err(EngineError::BatchTooLarge { len, max });
+            }
+        }
+        for k in keys {
+            nencache_engine::validate_key(k)?;
         }
         if !release.is_empty() && self.engine.release(session, release).is_err() {
             for &id in release {

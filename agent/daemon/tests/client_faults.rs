@@ -369,3 +369,115 @@ async fn a_batch_refused_part_way_reports_each_outcome() {
         assert_eq!(got[0].is_some(), o.is_some(), "{k}: {o:?}");
     }
 }
+
+/// A key or metadata too long for its length field is refused by the client with the
+/// agent's words, before anything is encoded: a wrapped length would be read as other
+/// fields (once, as lease ids to release, taking the lease of a value still held).
+#[tokio::test(flavor = "multi_thread")]
+async fn over_long_keys_and_metadata_are_refused_before_encoding() {
+    let agent = TestAgent::start(&[]);
+    let c = agent.client().await;
+    let value = pattern(8, 64 << 10);
+    c.put(b"held", &value, b"").await.unwrap();
+    let held = c.get(&[b"held"]).await.unwrap().pop().flatten().unwrap();
+    let long = vec![7u8; (1 << 16) + 2];
+    for e in [
+        c.get(&[&long[..]]).await.map(drop).unwrap_err(),
+        c.lookup(&[&long[..]]).await.map(drop).unwrap_err(),
+        c.put(&long, b"v", b"").await.map(drop).unwrap_err(),
+        c.put(b"k", b"v", &long).await.map(drop).unwrap_err(),
+        c.delete(&[&long[..]]).await.map(drop).unwrap_err(),
+    ] {
+        assert_eq!(e.code(), Some(Code::InvalidArgument), "{e}");
+        let m = e.to_string();
+        assert!(m.contains("65538"), "the message names the length: {m}");
+    }
+    assert_eq!(
+        c.stats().await.unwrap().leases,
+        1,
+        "the held lease is still held"
+    );
+    c.delete(&[b"held"]).await.unwrap();
+    for i in 0..40u64 {
+        c.put(format!("churn-{i}").as_bytes(), &pattern(i, 2 << 20), b"")
+            .await
+            .unwrap();
+    }
+    assert_eq!(&held[..], &value[..]);
+}
+
+/// Tasks sharing one client share its session's quotas: concurrent `put_many` calls wait
+/// for each other's rounds instead of being refused, and a slot the caller keeps shrinks a
+/// round rather than failing it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tasks_sharing_a_client_share_its_quota() {
+    let agent = TestAgent::start(&["--host-capacity", "256MiB"]);
+    let c = agent.client().await;
+    let slot = c
+        .reserve(&[Reserve {
+            key: b"kept",
+            value_len: 4096,
+            metadata: b"",
+            ttl: None,
+        }])
+        .await
+        .unwrap();
+    let quota = c.info().limits.max_reservations_per_session as usize;
+    let tasks: Vec<_> = (0..6)
+        .map(|t| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let batch: Vec<(Vec<u8>, Vec<u8>)> = (0..quota)
+                    .map(|i| (format!("t{t}-{i}").into_bytes(), pattern(i as u64, 256)))
+                    .collect();
+                let puts: Vec<Put<'_>> = batch
+                    .iter()
+                    .map(|(k, v)| Put {
+                        key: k,
+                        value: v,
+                        metadata: b"",
+                        ttl: None,
+                    })
+                    .collect();
+                c.put_many(&puts).await.map(|o| o.len())
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap(), quota);
+    }
+    drop(slot);
+    c.flush_releases().await.unwrap();
+}
+
+/// A client whose runtime was shut down (a global client shared by tests, bindings with a
+/// runtime per call) attaches a new session on its next call, on the caller's runtime.
+#[test]
+fn a_client_outliving_its_runtime_re_attaches() {
+    let agent = TestAgent::start(&[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let c = rt.block_on(async { agent.client().await });
+    rt.block_on(c.put(b"k", b"v", b"")).unwrap();
+    let first = c.session();
+    drop(rt);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let got = rt.block_on(async {
+        match c.get(&[b"k"]).await {
+            Err(ClientError::Disconnected(_)) => c.get(&[b"k"]).await,
+            r => r,
+        }
+    });
+    assert_eq!(&got.unwrap()[0].as_ref().unwrap()[..], b"v");
+    assert_ne!(c.session(), first);
+}
+
+/// Connecting where no agent answers says why, with the cause, not just "transport error".
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_errors_name_their_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = Client::connect(dir.path().join("none.sock"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ClientError::Connect { .. }), "{e:?}");
+    assert!(e.to_string().contains("No such file"), "{e}");
+}

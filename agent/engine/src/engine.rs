@@ -128,7 +128,7 @@ impl Default for EngineConfig {
             max_batch: 1024,
             max_leases: 65536,
             max_leases_per_session: 16384,
-            max_reservations: 4096,
+            max_reservations: 65536,
             max_reservations_per_session: 1024,
             max_staging_per_session: None,
             max_sessions: 1024,
