@@ -413,6 +413,9 @@ struct State {
     free_entry: u32,
     /// Pages of live entries without a lease: what eviction could free.
     evictable_pages: u64,
+    /// Where the next window search starts: the end of the last window evicted, so that
+    /// successive searches sweep the arena like a clock hand instead of rescanning it.
+    window_cursor: u32,
     /// Undo stack of the reserve call in progress (its victims and the entries of its
     /// reservations, newest on top), linked through `Entry::link`.
     undo: u32,
@@ -497,6 +500,7 @@ impl Engine {
             owner: vec![NO_ENTRY; arena_pages as usize],
             free_entry: 0,
             evictable_pages: 0,
+            window_cursor: 0,
             undo: NO_ENTRY,
             undo_len: 0,
             policy: Policy::new(
@@ -1214,6 +1218,7 @@ impl State {
         let Some((first, end)) = self.cheapest_window(pages, now) else {
             return Err(NO_WINDOW);
         };
+        self.window_cursor = end;
         let mut p = first;
         while p < end {
             let (free, len) = self.arena.extent_at(p).expect("an extent starts here");
@@ -1263,15 +1268,50 @@ impl State {
 
     /// The window `[first, end)` of consecutive free extents and evictable entries, at least
     /// `pages` long, whose evicted pages weighted by heat cost least (then the fewest pages),
-    /// or `None` if leased and reserved entries leave no run that long. One walk over the
+    /// or `None` if leased and reserved entries leave no run that long. A walk over the
     /// arena's extents in address order, with a window that shrinks from the left while it
     /// stays long enough, so every candidate evicts less than `pages` plus its first extent.
+    ///
+    /// The walk starts where the last window ended and stops at the first window whose
+    /// weighted cost is at most `pages` (cold entries, or free pages and a little heat: no
+    /// window of a full arena costs less than its unread pages), so that in an arena of
+    /// unread entries a search costs about the window's own extents rather than the whole
+    /// arena; otherwise it goes on, wrapping once, and takes the cheapest. Windows found
+    /// this way sweep the arena like a clock hand.
     fn cheapest_window(&self, pages: u32, now: u64) -> Option<(u32, u32)> {
+        let n = self.arena.pages();
+        let start = match self.arena.extent_at(self.window_cursor) {
+            Some(_) if self.window_cursor < n => self.window_cursor,
+            _ => 0,
+        };
+        let mut best = None;
+        for from in [start, 0] {
+            let (found, cold) = self.window_from(from, pages, now, &mut best);
+            if cold {
+                return found;
+            }
+            if from == 0 {
+                break;
+            }
+        }
+        best.map(|(_, first, end)| (first, end))
+    }
+
+    /// One pass of [`State::cheapest_window`] from extent `from` to the arena's end, keeping
+    /// the cheapest window in `best`. Returns the first window cheap enough to take at once,
+    /// and whether there was one.
+    #[allow(clippy::type_complexity)]
+    fn window_from(
+        &self,
+        from: u32,
+        pages: u32,
+        now: u64,
+        best: &mut Option<((u64, u64), u32, u32)>,
+    ) -> (Option<(u32, u32)>, bool) {
         let need = u64::from(pages);
         let n = self.arena.pages();
-        let mut best: Option<((u64, u64), u32, u32)> = None;
-        let (mut lo, mut total, mut cost) = (0u32, 0u64, (0u64, 0u64));
-        let mut p = 0;
+        let (mut lo, mut total, mut cost) = (from, 0u64, (0u64, 0u64));
+        let mut p = from;
         while p < n {
             let (len, c) = self.extent_cost(p, now);
             let end = p + len;
@@ -1292,11 +1332,16 @@ impl State {
                 cost = (cost.0 - c0.0, cost.1 - c0.1);
                 lo += l0;
             }
-            if total >= need && best.is_none_or(|(b, ..)| cost < b) {
-                best = Some((cost, lo, end));
+            if total >= need {
+                if cost.0 <= need {
+                    return (Some((lo, end)), true);
+                }
+                if best.is_none_or(|(b, ..)| cost < b) {
+                    *best = Some((cost, lo, end));
+                }
             }
         }
-        best.map(|(_, first, end)| (first, end))
+        (None, false)
     }
 
     /// Evicts a live, unleased entry that the policy has unlinked (`Policy::victim` or
