@@ -21,6 +21,17 @@ pub(crate) struct Sizer {
     pub(crate) max_batch: usize,
 }
 
+/// The gRPC form of a reserve item.
+pub(crate) fn put_item(i: &ReserveItem<'_>) -> v1::PutItem {
+    v1::PutItem {
+        key: i.key.to_vec(),
+        value_len: i.value_len,
+        metadata: i.metadata.to_vec(),
+        ttl_ms: i.ttl_ms,
+        overwrite: i.overwrite,
+    }
+}
+
 /// Bytes a protobuf length-delimited field of `len` bytes takes with its tag.
 fn proto_field(len: usize) -> usize {
     1 + prost::encoding::encoded_len_varint(len as u64) + len
@@ -65,16 +76,7 @@ impl Sizer {
         if self.fast {
             item.wire_len()
         } else {
-            proto_field(
-                v1::PutItem {
-                    key: item.key.to_vec(),
-                    value_len: item.value_len,
-                    metadata: item.metadata.to_vec(),
-                    ttl_ms: item.ttl_ms,
-                    overwrite: item.overwrite,
-                }
-                .encoded_len(),
-            )
+            proto_field(put_item(item).encoded_len())
         }
     }
 
@@ -186,16 +188,7 @@ mod tests {
         for r in ranges {
             let req = v1::ReserveRequest {
                 session: u64::MAX,
-                items: items[r]
-                    .iter()
-                    .map(|i| v1::PutItem {
-                        key: i.key.to_vec(),
-                        value_len: i.value_len,
-                        metadata: i.metadata.to_vec(),
-                        ttl_ms: i.ttl_ms,
-                        overwrite: i.overwrite,
-                    })
-                    .collect(),
+                items: items[r].iter().map(put_item).collect(),
             };
             assert!(req.encoded_len() <= 4 << 20, "{}", req.encoded_len());
         }

@@ -227,6 +227,10 @@ pub(crate) async fn put_round(
             .map(|(slot, sum)| (slot.disarm(), sum))
             .collect();
         pending.push((at, s.call(&Request::Commit(group), None)));
+        // Let the connection's writer send this commit now, so that the agent copies this
+        // group while this task writes the next (on a current-thread runtime it would
+        // otherwise wait for this task's next await).
+        tokio::task::yield_now().await;
     }
     drop(reserved);
     // Every commit sent is awaited, even after a refusal, so that each outcome is known.

@@ -455,16 +455,7 @@ fn grpc_call(
         }),
         Request::Reserve(items) => Call::Reserve(v1::ReserveRequest {
             session,
-            items: items
-                .iter()
-                .map(|i| v1::PutItem {
-                    key: i.key.to_vec(),
-                    value_len: i.value_len,
-                    metadata: i.metadata.to_vec(),
-                    ttl_ms: i.ttl_ms,
-                    overwrite: i.overwrite,
-                })
-                .collect(),
+            items: items.iter().map(crate::batch::put_item).collect(),
         }),
         Request::Commit(items) => Call::Commit(v1::CommitRequest {
             session,

@@ -7,7 +7,6 @@
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
-    net::TcpStream,
     os::unix::fs::PermissionsExt,
     path::Path,
     process::{Child, Command, Stdio},
@@ -557,18 +556,7 @@ async fn admin_endpoint_serves_health_and_metrics() {
     let c = agent.client().await;
     c.put(b"m", b"v", b"").await.unwrap();
     let _ = c.get(&[b"m", b"missing"]).await.unwrap();
-    let addr = agent.admin_addr();
-    let http = |path: &str| {
-        let mut s = TcpStream::connect(&addr).unwrap();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    };
+    let http = |path: &str| agent.http(path);
     assert!(http("/healthz").starts_with("HTTP/1.1 200"));
     assert!(http("/readyz").starts_with("HTTP/1.1 200"));
     let m = http("/metrics");

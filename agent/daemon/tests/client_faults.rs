@@ -7,12 +7,12 @@
 
 mod common;
 
-use std::{io::Write, time::Duration};
+use std::time::Duration;
 
 use common::*;
 use nencache_api::{
     PROTOCOL_VERSION,
-    attach::{self, Hello, Reply},
+    attach::{self, Reply},
     v1,
 };
 use nencache_client::{Client, ClientError, ClientOptions, Put, PutOutcome, Reserve};
@@ -288,20 +288,7 @@ async fn handshake_and_attach_agree_on_versions() {
 }
 
 fn hello(agent: &TestAgent, version: u32) -> Reply {
-    use std::os::fd::AsFd;
-    let mut s = std::os::unix::net::UnixStream::connect(agent.attach_path()).unwrap();
-    s.write_all(
-        &Hello {
-            version,
-            tenant: String::new(),
-        }
-        .encode(),
-    )
-    .unwrap();
-    let mut buf = vec![0u8; 512];
-    let mut fds = Vec::new();
-    let n = attach::recv_with_fds(s.as_fd(), &mut buf, &mut fds).unwrap();
-    Reply::decode(&buf[..n]).unwrap()
+    raw_attach_as(agent, version).1
 }
 
 /// A put batch refused part-way reports what was stored.

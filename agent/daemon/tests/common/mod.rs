@@ -163,10 +163,22 @@ pub fn raw_attach(
     Reply,
     Vec<std::os::fd::OwnedFd>,
 ) {
+    raw_attach_as(agent, PROTOCOL_VERSION)
+}
+
+/// [`raw_attach`] with the hello's version given.
+pub fn raw_attach_as(
+    agent: &TestAgent,
+    version: u32,
+) -> (
+    std::os::unix::net::UnixStream,
+    Reply,
+    Vec<std::os::fd::OwnedFd>,
+) {
     let mut s = std::os::unix::net::UnixStream::connect(agent.attach_path()).unwrap();
     s.write_all(
         &Hello {
-            version: PROTOCOL_VERSION,
+            version,
             tenant: String::new(),
         }
         .encode(),
