@@ -29,7 +29,8 @@
 //!
 //! Integers are little-endian. Every request gets exactly one response, in request order, so
 //! a client may send several requests (a put's commits, say) before reading their responses.
-//! A refused request changes nothing and leaves the session as it was: a frame longer than the
+//! A refused request leaves the session as it was (and changes nothing, but that a valid GET
+//! applies the releases it carries): a frame longer than the
 //! agent's limit (announced in the handshake as `max_frame_len`, [`MAX_FRAME`] by default) is
 //! read, discarded and answered with `INVALID_ARGUMENT`; so is a frame that does not parse,
 //! and an unknown operation is answered with `UNIMPLEMENTED`. The agent never ends a session

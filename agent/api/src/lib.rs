@@ -1,6 +1,7 @@
 //! NenCache's node-local API: the generated gRPC types and service stubs
-//! (`proto/nencache/v1/agent.proto`; see that file for the contract of each call), and the
-//! attach protocol that hands clients their session and shared-memory descriptors.
+//! (`proto/nencache/v1/agent.proto`), the attach protocol that hands clients their session
+//! and shared-memory descriptors, the session fast path's frame codec, and version
+//! negotiation. `docs/api.md` is the contract, byte for byte.
 
 pub mod attach;
 pub mod frame;

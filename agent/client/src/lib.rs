@@ -372,9 +372,17 @@ impl Client {
             let s = group[0].session.clone();
             let ranges = s.sizer.split(group.iter().map(|_| s.sizer.id()));
             let mut ids: Vec<u64> = group.into_iter().map(Slot::disarm).collect();
-            for r in ranges {
-                let part: Vec<u64> = ids.drain(..r.len()).collect();
-                match s.call(&Request::Abort(part), None).await? {
+            // Every part is sent before any answer is awaited, so a cancelled or refused
+            // call still aborts the rest.
+            let sent: Vec<_> = ranges
+                .into_iter()
+                .map(|r| {
+                    let part: Vec<u64> = ids.drain(..r.len()).collect();
+                    s.call(&Request::Abort(part), None)
+                })
+                .collect();
+            for answer in sent {
+                match answer.await? {
                     Response::Abort => {}
                     _ => return Err(mismatched(op::ABORT)),
                 }

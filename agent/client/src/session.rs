@@ -296,7 +296,7 @@ impl Session {
         &self,
         req: &Request<'_>,
         settle: Option<Settle>,
-    ) -> impl Future<Output = Result<Response>> + Send + 'static {
+    ) -> impl Future<Output = Result<Response>> + Send + use<> {
         let op = req.op();
         let rx = if self.fast {
             let mut frame = Vec::new();
@@ -430,7 +430,7 @@ fn grpc_call(
     session: u64,
     req: &Request<'_>,
     queues: Arc<Queues>,
-) -> impl Future<Output = Result<Response>> + Send + 'static {
+) -> impl Future<Output = Result<Response>> + Send + use<> {
     let keys = |k: &[&[u8]]| k.iter().map(|k| k.to_vec()).collect::<Vec<_>>();
     enum Call {
         Lookup(v1::LookupRequest),

@@ -4,7 +4,8 @@
 //!
 //! A request never ends a session: an oversized frame is skipped, a malformed one or an
 //! unknown operation is answered with an error, and the connection stays in step. At
-//! shutdown the sessions stay open until the gRPC server has drained, so no extent a client
+//! shutdown the sessions stay open until the gRPC server has drained (or the grace period ran
+//! out), so no extent a client
 //! still reads is handed to another put while the agent winds down.
 
 use std::{os::fd::AsFd, sync::Arc};
@@ -139,10 +140,16 @@ async fn session(
         Err(e) => return reply(&stream, &refusal(status::EXHAUSTED, e.to_string()), &[]).await,
     };
     let result = async {
-        let arena_ro = engine
-            .arena()
-            .read_only_fd()
-            .map_err(std::io::Error::other)?;
+        let arena_ro = match engine.arena().read_only_fd() {
+            Ok(fd) => fd,
+            Err(e) => {
+                let msg = format!("the agent cannot hand out the arena: {e}");
+                reply(&stream, &refusal(status::INTERNAL, msg), &[])
+                    .await
+                    .ok();
+                return Err(std::io::Error::other(e));
+            }
+        };
         let ok = Reply {
             status: status::OK,
             session: id,

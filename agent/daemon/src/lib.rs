@@ -16,7 +16,7 @@
 //! - [`service`]: the gRPC transport;
 //! - [`attach`]: sessions, descriptor passing and the fast-path transport;
 //! - [`admin`], [`metrics`], [`telemetry`]: observability;
-//! - [`cli`]: `put`, `get`, `stats`, `demo`.
+//! - [`cli`]: `put`, `get`, `delete`, `lookup`, `stats`, `demo`.
 
 pub mod admin;
 pub mod attach;

@@ -54,8 +54,8 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("nencache_agent");
         let rpc_seconds = Family::<MethodLabels, Histogram>::new_with_constructor(|| {
-            // 4 µs to about 4 s.
-            Histogram::new(exponential_buckets(4e-6, 2.0, 20))
+            // 4 µs to about 4 s (4 µs × 2^20), then +Inf.
+            Histogram::new(exponential_buckets(4e-6, 2.0, 21))
         });
         let rpc_total = Family::<OutcomeLabels, Counter>::default();
         let sessions_opened = Counter::default();

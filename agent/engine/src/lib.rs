@@ -13,7 +13,8 @@
 //! - [`key`]: key validation and content-defined chunk keys;
 //! - [`traces`]: the synthetic workloads shared by benchmarks and the demo.
 //!
-//! Unsafe code is confined to [`shm`], where raw shared memory is read and written.
+//! The unsafe operations on raw shared memory are defined in [`shm`]; the engine calls them
+//! on extents it owns, each call with a `SAFETY:` comment.
 
 pub mod alloc;
 pub mod engine;
