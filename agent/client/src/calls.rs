@@ -99,8 +99,13 @@ pub(crate) struct Round {
 
 impl Round {
     /// Takes the round's share of the session's quota, waiting up to `wait` for it.
+    /// A wait ends early, with [`ClientError::Disconnected`], when the session dies (the
+    /// next attempt then runs on a new one).
     pub(crate) async fn hold(&self, s: &Session, wait: Option<Duration>) -> Result<Arc<Held>> {
-        let held = s.quota.acquire(self.items.len(), self.pages, wait).await?;
+        let held = tokio::select! {
+            held = s.quota.acquire(self.items.len(), self.pages, wait) => held?,
+            () = s.dead() => return Err(s.disconnected()),
+        };
         Ok(Arc::new(held))
     }
 }
@@ -131,6 +136,34 @@ pub(crate) fn next_round(s: &Session, items: &[ReserveItem<'_>], start: usize) -
     Round {
         items: start..end,
         pages,
+    }
+}
+
+/// One reserve request, holding its share of the session's quota (`held`). The agent counts
+/// a reservation until the abort of a dropped slot or of a cancelled call's answer reaches
+/// it, a moment after the client has given the share back: a refusal for the session's own
+/// quota is therefore retried, after sending what is queued, until `patience` runs out.
+pub(crate) async fn reserve_patiently(
+    s: &Arc<Session>,
+    held: &Arc<Held>,
+    items: &[ReserveItem<'_>],
+    patience: Duration,
+) -> Result<Vec<Option<Slot>>> {
+    let until = Instant::now() + patience;
+    let mut pause = Duration::from_micros(200);
+    loop {
+        match reserve(s, held, items).await {
+            Err(ClientError::Status(st))
+                if st.code() == tonic::Code::ResourceExhausted
+                    && st.message().contains("of this session")
+                    && Instant::now() < until =>
+            {
+                s.send_queued().await;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            r => return r,
+        }
     }
 }
 
@@ -189,7 +222,8 @@ pub(crate) async fn put_round(
     puts: &[Put<'_>],
     outcomes: &mut [Option<PutOutcome>],
 ) -> Result<()> {
-    let slots = reserve(s, held, items).await?;
+    let patience = Duration::from_millis(s.info.limits.reservation_timeout_ms.max(1000));
+    let slots = reserve_patiently(s, held, items, patience).await?;
     for (o, slot) in outcomes.iter_mut().zip(&slots) {
         if slot.is_none() {
             *o = Some(PutOutcome::Exists);

@@ -97,6 +97,7 @@ struct Outgoing {
 pub(crate) struct Liveness {
     dead: AtomicBool,
     why: Mutex<Option<String>>,
+    died: tokio::sync::Notify,
 }
 
 impl Liveness {
@@ -110,6 +111,17 @@ impl Liveness {
             *w = Some(why.into());
         }
         self.dead.store(true, Ordering::Release);
+        self.died.notify_waiters();
+    }
+
+    /// Resolves once the session is dead.
+    pub(crate) async fn dead(&self) {
+        let notified = self.died.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if !self.is_dead() {
+            notified.await;
+        }
     }
 
     pub(crate) fn error(&self) -> ClientError {

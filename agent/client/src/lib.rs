@@ -64,7 +64,7 @@ pub use nencache_engine::{ChunkKeys, DEFAULT_CHUNK_SIZE, MAX_KEY_LEN, checksum, 
 use crate::{
     calls::{
         check_items, check_keys, commit_outcomes, get_on, group_by_session, lookup_on, next_round,
-        partial, put_many_on, reserve, ttl_ms,
+        partial, put_many_on, reserve_patiently, ttl_ms,
     },
     session::{Session, mismatched},
 };
@@ -304,7 +304,8 @@ impl Client {
             // of earlier rounds are aborted when dropped on an error here.
             // Slots may be kept for long: never wait for another call's share.
             let held = round.hold(&s, None).await?;
-            slots.extend(reserve(&s, &held, &items[round.items]).await?);
+            let patience = Duration::from_secs(1);
+            slots.extend(reserve_patiently(&s, &held, &items[round.items], patience).await?);
         }
         Ok(slots)
     }

@@ -277,6 +277,11 @@ impl Session {
         self.live.error()
     }
 
+    /// Resolves once the session is dead.
+    pub(crate) async fn dead(&self) {
+        self.live.dead().await;
+    }
+
     pub(crate) fn arena(&self) -> &[u8] {
         &self.arena
     }

@@ -468,3 +468,111 @@ async fn connect_errors_name_their_cause() {
     assert!(matches!(e, ClientError::Connect { .. }), "{e:?}");
     assert!(e.to_string().contains("No such file"), "{e}");
 }
+
+/// The agent counts a dropped slot's reservation until its abort arrives, a moment after the
+/// client has given the quota back: a put straight after dropping a whole quota of slots is
+/// not refused for it.
+#[tokio::test(flavor = "multi_thread")]
+async fn dropped_slots_free_the_quota_for_the_next_put() {
+    let agent = TestAgent::start(&[]);
+    for fast in [true, false] {
+        let c = Client::connect_with(&agent.socket, options(fast))
+            .await
+            .unwrap();
+        let quota = c.info().limits.max_reservations_per_session as usize;
+        for round in 0..8 {
+            let keys: Vec<String> = (0..quota).map(|i| format!("{fast}-{round}-{i}")).collect();
+            let slots = c
+                .reserve(
+                    &keys
+                        .iter()
+                        .map(|k| Reserve {
+                            key: k.as_bytes(),
+                            value_len: 1,
+                            metadata: b"",
+                            ttl: None,
+                        })
+                        .collect::<Vec<_>>(),
+                )
+                .await
+                .unwrap();
+            drop(slots);
+            let puts: Vec<Put<'_>> = keys
+                .iter()
+                .map(|k| Put {
+                    key: k.as_bytes(),
+                    value: b"v",
+                    metadata: b"",
+                    ttl: None,
+                })
+                .collect();
+            let outcomes = c.put_many(&puts).await.unwrap();
+            assert_eq!(outcomes, vec![PutOutcome::Stored; quota]);
+        }
+    }
+}
+
+/// Puts waiting for quota held by slots of a session that dies (the agent restarted) stop
+/// waiting at once: they move to a new session, or fail as calls do while no agent answers,
+/// instead of waiting out the reservation timeout.
+#[tokio::test(flavor = "multi_thread")]
+async fn puts_waiting_on_quota_move_to_the_new_session_after_a_restart() {
+    let mut agent = TestAgent::start(&[]);
+    let c = agent.client().await;
+    let quota = c.info().limits.max_reservations_per_session as usize;
+    let keys: Vec<String> = (0..quota).map(|i| format!("held-{i}")).collect();
+    let held = c
+        .reserve(
+            &keys
+                .iter()
+                .map(|k| Reserve {
+                    key: k.as_bytes(),
+                    value_len: 1,
+                    metadata: b"",
+                    ttl: None,
+                })
+                .collect::<Vec<_>>(),
+        )
+        .await
+        .unwrap();
+    let waiters: Vec<_> = (0..4)
+        .map(|t| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let keys: Vec<String> = (0..50).map(|i| format!("w{t}-{i}")).collect();
+                let puts: Vec<Put<'_>> = keys
+                    .iter()
+                    .map(|k| Put {
+                        key: k.as_bytes(),
+                        value: b"v",
+                        metadata: b"",
+                        ttl: None,
+                    })
+                    .collect();
+                c.put_many(&puts).await.map(|o| o.len())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    agent.kill_and_restart();
+    let started = std::time::Instant::now();
+    for w in waiters {
+        match w.await.unwrap() {
+            Ok(n) => assert_eq!(n, 50),
+            Err(e @ (ClientError::Connect { .. } | ClientError::Disconnected(_))) => {
+                eprintln!("a waiter failed while the agent restarted: {e}");
+            }
+            Err(e) => panic!("a waiter failed with {e}"),
+        }
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the waiters moved on at once, not after the reservation timeout: {:?}",
+        started.elapsed()
+    );
+    drop(held);
+    assert_eq!(
+        c.put(b"after", b"v", b"").await.unwrap(),
+        PutOutcome::Stored
+    );
+}
