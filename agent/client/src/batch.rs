@@ -8,7 +8,6 @@ use nencache_api::{
     frame::{self, ReserveItem},
     v1,
 };
-use prost::Message;
 
 /// Request-size rules of one transport.
 #[derive(Debug, Clone, Copy)]
@@ -30,6 +29,24 @@ pub(crate) fn put_item(i: &ReserveItem<'_>) -> v1::PutItem {
         ttl_ms: i.ttl_ms,
         overwrite: i.overwrite,
     }
+}
+
+/// Bytes of [`put_item`]'s encoding, computed without building it (proto3 leaves out fields
+/// at their defaults: empty bytes, 0, false).
+fn put_item_len(i: &ReserveItem<'_>) -> usize {
+    let bytes = |n: usize| if n == 0 { 0 } else { proto_field(n) };
+    let varint = |v: u64| {
+        if v == 0 {
+            0
+        } else {
+            1 + prost::encoding::encoded_len_varint(v)
+        }
+    };
+    bytes(i.key.len())
+        + varint(i.value_len)
+        + bytes(i.metadata.len())
+        + varint(i.ttl_ms)
+        + 2 * usize::from(i.overwrite)
 }
 
 /// Bytes a protobuf length-delimited field of `len` bytes takes with its tag.
@@ -76,7 +93,7 @@ impl Sizer {
         if self.fast {
             item.wire_len()
         } else {
-            proto_field(put_item(item).encoded_len())
+            proto_field(put_item_len(item))
         }
     }
 
@@ -127,7 +144,27 @@ pub(crate) fn split(
 
 #[cfg(test)]
 mod tests {
+    use prost::Message;
+
     use super::*;
+
+    #[test]
+    fn put_item_lengths_match_the_encoding() {
+        for (key, value_len, metadata, ttl_ms, overwrite) in [
+            (&b"k"[..], 0, &b""[..], 0, false),
+            (&[7u8; 256][..], u64::MAX, &[1u8; 4096][..], 1, true),
+            (&b"key"[..], 300, &b"m"[..], u64::MAX, false),
+        ] {
+            let item = ReserveItem {
+                key,
+                value_len,
+                metadata,
+                ttl_ms,
+                overwrite,
+            };
+            assert_eq!(put_item_len(&item), put_item(&item).encoded_len());
+        }
+    }
 
     #[test]
     fn ranges_respect_both_bounds_and_cover_everything() {
