@@ -11,32 +11,29 @@
 // Helpers outside #[test] functions fail loudly too.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::{
     fs::{File, OpenOptions},
-    io::Write,
     os::{
-        fd::{AsFd, AsRawFd},
+        fd::AsRawFd,
         unix::{
             fs::{FileExt, FileTypeExt, MetadataExt, PermissionsExt},
             process::CommandExt,
         },
     },
     path::{Path, PathBuf},
-    process::{Child, Command},
-    time::{Duration, Instant},
+    process::Command,
 };
 
-use nencache_api::{
-    PROTOCOL_VERSION,
-    attach::{self, Hello, Reply, status},
-};
+use common::{AGENT, TestAgent, attach_at, pattern};
+use nencache_api::{PROTOCOL_VERSION, attach::status};
 use nencache_client::{Client, PutOutcome};
 use rustix::{
     fs::{FallocateFlags, Mode, OFlags},
     mm::{Advice, MapFlags, MprotectFlags, ProtFlags},
 };
 
-const AGENT: &str = env!("CARGO_BIN_EXE_nencache-agent");
 /// Set in the probe's environment: the attach socket to use.
 const PROBE_ATTACH: &str = "NENCACHE_TEST_PROBE_ATTACH";
 /// Set in the probe's environment: the seed of the committed value's bytes.
@@ -59,18 +56,6 @@ const MARK: [u8; 8] = [0xee; 8];
 /// Paths that may succeed as calls (they write nothing shared); the value must still be
 /// unchanged.
 const MAY_SUCCEED: &[&str] = &["reopen O_RDWR", "/proc/self/mem into MAP_PRIVATE"];
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 fn is_root() -> bool {
     rustix::process::geteuid().is_root()
@@ -100,76 +85,33 @@ fn runnable_by_anyone(path: &Path, dir: &Path) -> PathBuf {
 
 /// The agent, running as `AGENT_UID:GROUP` under a given umask, on a socket in a directory
 /// of its own (`<tmp>/run`, which it creates).
-struct SealAgent {
-    child: Child,
-    dir: tempfile::TempDir,
-    socket: PathBuf,
-}
-
-impl SealAgent {
-    fn start(umask: u32) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        std::os::unix::fs::chown(dir.path(), Some(AGENT_UID), Some(GROUP)).unwrap();
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o750)).unwrap();
-        let socket = dir.path().join("run/agent.sock");
-        let exe = runnable_by_anyone(Path::new(AGENT), dir.path());
-        let log = File::create(dir.path().join("agent.log")).unwrap();
-        let mut cmd = Command::new(exe);
-        cmd.args(["serve", "--socket"])
-            .arg(&socket)
-            .args([
-                "--admin-addr",
-                "127.0.0.1:0",
-                "--log-format",
-                "json",
-                "--host-capacity",
-                "16MiB",
-            ])
-            .stderr(log)
-            .uid(AGENT_UID)
-            .gid(GROUP);
-        // SAFETY: umask is async-signal-safe and changes only the child.
-        unsafe {
-            cmd.pre_exec(move || {
-                rustix::process::umask(Mode::from_raw_mode(umask));
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().unwrap();
-        let mut a = Self { child, dir, socket };
-        a.wait_ready();
-        a
+fn start_sealed_agent(umask: u32) -> TestAgent {
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::chown(dir.path(), Some(AGENT_UID), Some(GROUP)).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o750)).unwrap();
+    let socket = dir.path().join("run/agent.sock");
+    let exe = runnable_by_anyone(Path::new(AGENT), dir.path());
+    let mut cmd = Command::new(exe);
+    cmd.args(["serve", "--socket"])
+        .arg(&socket)
+        .args([
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--host-capacity",
+            "16MiB",
+        ])
+        .uid(AGENT_UID)
+        .gid(GROUP);
+    // SAFETY: umask is async-signal-safe and changes only the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            rustix::process::umask(Mode::from_raw_mode(umask));
+            Ok(())
+        });
     }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
-    }
-
-    fn wait_ready(&mut self) {
-        let t = Instant::now();
-        while !self.log().contains("nencache agent serving") {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("agent exited with {status}: {}", self.log());
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "agent not ready: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn attach_path(&self) -> PathBuf {
-        self.socket.with_extension("sock.attach")
-    }
-}
-
-impl Drop for SealAgent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    TestAgent::spawn(dir, socket, cmd)
 }
 
 /// One write path as the probe reports it.
@@ -221,20 +163,8 @@ fn seal_probe() {
         return;
     };
     let seed: u64 = seed.parse().unwrap();
-    // Attach exactly as a client does.
-    let mut sock = std::os::unix::net::UnixStream::connect(&attach_path).unwrap();
-    sock.write_all(
-        &Hello {
-            version: PROTOCOL_VERSION,
-            tenant: String::new(),
-        }
-        .encode(),
-    )
-    .unwrap();
-    let mut buf = vec![0u8; 1024];
-    let mut fds = Vec::new();
-    let n = attach::recv_with_fds(sock.as_fd(), &mut buf, &mut fds).unwrap();
-    let reply = Reply::decode(&buf[..n]).unwrap();
+    // Attach exactly as a client does (the connection lives as long as the probe).
+    let (_session, reply, mut fds) = attach_at(Path::new(&attach_path), PROTOCOL_VERSION);
     assert_eq!(reply.status, status::OK, "{}", reply.message);
     assert_eq!(fds.len(), 2, "arena and staging descriptors");
     let staging = File::from(fds.pop().unwrap());
@@ -478,7 +408,7 @@ async fn committed_values_stay_unwritable(probe_uid: u32, umask: u32) {
         );
         return;
     }
-    let agent = SealAgent::start(umask);
+    let agent = start_sealed_agent(umask);
     // The socket directory, lock and sockets have their modes whatever the umask, and the
     // agent's group: the probe reaches the attach socket through them.
     let run = agent.socket.parent().unwrap();

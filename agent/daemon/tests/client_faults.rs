@@ -469,6 +469,30 @@ async fn connect_errors_name_their_cause() {
     assert!(e.to_string().contains("No such file"), "{e}");
 }
 
+/// Reservations of one byte under `keys`.
+fn one_byte_slots(keys: &[String]) -> Vec<Reserve<'_>> {
+    keys.iter()
+        .map(|k| Reserve {
+            key: k.as_bytes(),
+            value_len: 1,
+            metadata: b"",
+            ttl: None,
+        })
+        .collect()
+}
+
+/// Puts of the one-byte value `v` under `keys`.
+fn one_byte_puts(keys: &[String]) -> Vec<Put<'_>> {
+    keys.iter()
+        .map(|k| Put {
+            key: k.as_bytes(),
+            value: b"v",
+            metadata: b"",
+            ttl: None,
+        })
+        .collect()
+}
+
 /// The agent counts a dropped slot's reservation until its abort arrives, a moment after the
 /// client has given the quota back: a put straight after dropping a whole quota of slots is
 /// not refused for it.
@@ -482,31 +506,9 @@ async fn dropped_slots_free_the_quota_for_the_next_put() {
         let quota = c.info().limits.max_reservations_per_session as usize;
         for round in 0..8 {
             let keys: Vec<String> = (0..quota).map(|i| format!("{fast}-{round}-{i}")).collect();
-            let slots = c
-                .reserve(
-                    &keys
-                        .iter()
-                        .map(|k| Reserve {
-                            key: k.as_bytes(),
-                            value_len: 1,
-                            metadata: b"",
-                            ttl: None,
-                        })
-                        .collect::<Vec<_>>(),
-                )
-                .await
-                .unwrap();
+            let slots = c.reserve(&one_byte_slots(&keys)).await.unwrap();
             drop(slots);
-            let puts: Vec<Put<'_>> = keys
-                .iter()
-                .map(|k| Put {
-                    key: k.as_bytes(),
-                    value: b"v",
-                    metadata: b"",
-                    ttl: None,
-                })
-                .collect();
-            let outcomes = c.put_many(&puts).await.unwrap();
+            let outcomes = c.put_many(&one_byte_puts(&keys)).await.unwrap();
             assert_eq!(outcomes, vec![PutOutcome::Stored; quota]);
         }
     }
@@ -521,35 +523,13 @@ async fn puts_waiting_on_quota_move_to_the_new_session_after_a_restart() {
     let c = agent.client().await;
     let quota = c.info().limits.max_reservations_per_session as usize;
     let keys: Vec<String> = (0..quota).map(|i| format!("held-{i}")).collect();
-    let held = c
-        .reserve(
-            &keys
-                .iter()
-                .map(|k| Reserve {
-                    key: k.as_bytes(),
-                    value_len: 1,
-                    metadata: b"",
-                    ttl: None,
-                })
-                .collect::<Vec<_>>(),
-        )
-        .await
-        .unwrap();
+    let held = c.reserve(&one_byte_slots(&keys)).await.unwrap();
     let waiters: Vec<_> = (0..4)
         .map(|t| {
             let c = c.clone();
             tokio::spawn(async move {
                 let keys: Vec<String> = (0..50).map(|i| format!("w{t}-{i}")).collect();
-                let puts: Vec<Put<'_>> = keys
-                    .iter()
-                    .map(|k| Put {
-                        key: k.as_bytes(),
-                        value: b"v",
-                        metadata: b"",
-                        ttl: None,
-                    })
-                    .collect();
-                c.put_many(&puts).await.map(|o| o.len())
+                c.put_many(&one_byte_puts(&keys)).await.map(|o| o.len())
             })
         })
         .collect();

@@ -63,6 +63,22 @@ impl TestAgent {
         a
     }
 
+    /// An agent started by the caller (another user, a given umask) from `cmd`, with its
+    /// standard error going to `<dir>/agent.log`, once it serves `socket`. It cannot be
+    /// restarted.
+    pub fn spawn(dir: tempfile::TempDir, socket: PathBuf, mut cmd: Command) -> Self {
+        let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
+        let child = cmd.stderr(log).spawn().unwrap();
+        let mut a = Self {
+            child,
+            dir,
+            socket,
+            args: Vec::new(),
+        };
+        a.wait_ready();
+        a
+    }
+
     /// Kills the agent with SIGKILL (no clean-up at all) and starts a new one on the same
     /// socket with the same arguments, as a DaemonSet would after an OOM kill.
     pub fn kill_and_restart(&mut self) {
@@ -175,7 +191,19 @@ pub fn raw_attach_as(
     Reply,
     Vec<std::os::fd::OwnedFd>,
 ) {
-    let mut s = std::os::unix::net::UnixStream::connect(agent.attach_path()).unwrap();
+    attach_at(&agent.attach_path(), version)
+}
+
+/// Attaches by hand to the attach socket at `path`, with the hello's version given.
+pub fn attach_at(
+    path: &std::path::Path,
+    version: u32,
+) -> (
+    std::os::unix::net::UnixStream,
+    Reply,
+    Vec<std::os::fd::OwnedFd>,
+) {
+    let mut s = std::os::unix::net::UnixStream::connect(path).unwrap();
     s.write_all(
         &Hello {
             version,
