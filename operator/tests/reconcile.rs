@@ -62,6 +62,29 @@ async fn expect_apply(
 }
 
 /// Answers the next request, checking its method and path; returns its body (JSON or null).
+/// The DaemonSet's apply, answered with 2 of 3 agents ready, then the delete of a
+/// ServiceMonitor nobody asked for (none exists).
+async fn expect_agents_two_of_three_ready(h: &mut Mock) {
+    let ds_path = "/apis/apps/v1/namespaces/ml/daemonsets/cache-agent";
+    expect_apply(h, ds_path, StatusCode::OK, |mut b| {
+        b["metadata"]["generation"] = json!(2);
+        b["status"] = json!({
+            "desiredNumberScheduled": 3, "numberReady": 2, "updatedNumberScheduled": 3,
+            "currentNumberScheduled": 3, "numberMisscheduled": 0, "observedGeneration": 2,
+        });
+        b
+    })
+    .await;
+    expect(
+        h,
+        http::Method::DELETE,
+        SERVICE_MONITOR,
+        StatusCode::NOT_FOUND,
+        not_found(),
+    )
+    .await;
+}
+
 async fn expect(
     h: &mut Mock,
     method: http::Method,
@@ -168,25 +191,8 @@ async fn applies_every_object_then_reports_status_from_the_daemon_set() {
         |b| b,
     )
     .await;
-    let ds_path = "/apis/apps/v1/namespaces/ml/daemonsets/cache-agent";
-    expect_apply(&mut h, ds_path, StatusCode::OK, |mut b| {
-        b["metadata"]["generation"] = json!(2);
-        b["status"] = json!({
-            "desiredNumberScheduled": 3, "numberReady": 2, "updatedNumberScheduled": 3,
-            "currentNumberScheduled": 3, "numberMisscheduled": 0, "observedGeneration": 2,
-        });
-        b
-    })
-    .await;
     // No ServiceMonitor asked for: any left from before is deleted (none here).
-    expect(
-        &mut h,
-        http::Method::DELETE,
-        SERVICE_MONITOR,
-        StatusCode::NOT_FOUND,
-        not_found(),
-    )
-    .await;
+    expect_agents_two_of_three_ready(&mut h).await;
     let status_path = "/apis/nencache.io/v1alpha1/namespaces/ml/nencacheclusters/cache/status";
     let patch = expect_apply(&mut h, status_path, StatusCode::OK, |_| {
         serde_json::to_value(cluster(json!({}))).unwrap()
@@ -393,24 +399,7 @@ async fn reconcile_once(ncc: NenCacheCluster) -> (Value, Vec<String>) {
     ] {
         expect_apply(&mut h, &path, StatusCode::OK, |b| b).await;
     }
-    let ds_path = "/apis/apps/v1/namespaces/ml/daemonsets/cache-agent";
-    expect_apply(&mut h, ds_path, StatusCode::OK, |mut b| {
-        b["metadata"]["generation"] = json!(2);
-        b["status"] = json!({
-            "desiredNumberScheduled": 3, "numberReady": 2, "updatedNumberScheduled": 3,
-            "currentNumberScheduled": 3, "numberMisscheduled": 0, "observedGeneration": 2,
-        });
-        b
-    })
-    .await;
-    expect(
-        &mut h,
-        http::Method::DELETE,
-        SERVICE_MONITOR,
-        StatusCode::NOT_FOUND,
-        not_found(),
-    )
-    .await;
+    expect_agents_two_of_three_ready(&mut h).await;
     let patch = expect_apply(&mut h, STATUS, StatusCode::OK, |_| {
         serde_json::to_value(&ncc).unwrap()
     })
