@@ -1,0 +1,292 @@
+//! NenCache's lower tiers: a log-structured store of self-describing entries on a file or
+//! block device (T2, O_DIRECT through io_uring or pread) or in memory-mapped segment files
+//! (T3). The engine (`nencache-engine`) drives it: it demotes entries into it from host
+//! memory and reads hits straight back into the shared arena.
+//!
+//! CONTRACT (kept stable for the engine; the implementation fills it in):
+//! - [`LogStore::open`] creates or recovers a store (checkpoint plus scan), refusing an
+//!   on-disk format it does not know with [`StoreError::UnknownFormat`] naming the path and
+//!   both versions, and a store another process holds with [`StoreError::Locked`].
+//! - [`LogStore::locate`] answers from the in-memory index, no I/O.
+//! - [`LogStore::read`] and [`LogStore::write`] do blocking, batched I/O on the caller's
+//!   thread (never under a lock the engine holds).
+//! - A torn or corrupt entry is reported as [`ReadOutcome::Corrupt`] and counted; it is never
+//!   returned as a hit.
+
+use std::path::PathBuf;
+
+/// Which I/O engine a store uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IoEngineKind {
+    /// io_uring if the kernel allows it, else pread/pwrite (decided once at open, logged).
+    #[default]
+    Auto,
+    /// io_uring with batched submissions.
+    IoUring,
+    /// pread/pwrite on a small thread pool.
+    Pread,
+    /// Memory-mapped segment files (T3): `path` is a directory.
+    Mmap,
+}
+
+/// How a store is laid out and driven.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// T2: a file (created if missing) or a block device. T3 (`Mmap`): a directory.
+    pub path: PathBuf,
+    /// Bytes the store may use; rounded down to whole regions (at least two).
+    pub capacity: u64,
+    /// Region size: the unit of allocation and eviction; a power of two of at least 1 MiB.
+    pub region_size: u64,
+    /// I/O engine.
+    pub io_engine: IoEngineKind,
+    /// Most I/Os in flight per batch (io_uring ring size; pread pool width).
+    pub queue_depth: u32,
+    /// An I/O slower than this marks the store degraded until a normal one completes.
+    pub slow_io: std::time::Duration,
+}
+
+/// Where an entry lives in the store; returned by [`LogStore::locate`], passed back to
+/// [`LogStore::read`]. Plain data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Location {
+    /// Value length in bytes.
+    pub value_len: u64,
+    /// Key length in bytes.
+    pub key_len: u32,
+    /// Metadata length in bytes.
+    pub meta_len: u32,
+    /// Write sequence number (unique per entry written; later writes have larger ones).
+    pub seq: u64,
+    /// Unix time in milliseconds from which the entry is expired (`u64::MAX`: never).
+    pub expires_unix_ms: u64,
+    /// Byte offset of the entry's header on the device (opaque to callers).
+    pub offset: u64,
+}
+
+/// One entry to append.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteReq<'a> {
+    /// 128-bit hash of the key (the engine's index hash).
+    pub hash: u128,
+    /// The key.
+    pub key: &'a [u8],
+    /// Opaque metadata.
+    pub metadata: &'a [u8],
+    /// The value's first byte: 4096-aligned, readable for `value_len` rounded up to 4096.
+    pub value: *const u8,
+    /// Value length.
+    pub value_len: u64,
+    /// Unix time in milliseconds from which the entry is expired (`u64::MAX`: never).
+    pub expires_unix_ms: u64,
+}
+
+/// One entry to read back.
+#[derive(Debug)]
+pub struct ReadReq<'a> {
+    /// Hash of the key.
+    pub hash: u128,
+    /// The key (compared with the stored one).
+    pub key: &'a [u8],
+    /// Where [`LogStore::locate`] said it is.
+    pub loc: Location,
+    /// Destination: 4096-aligned, writable for `loc.value_len` rounded up to 4096.
+    pub dst: *mut u8,
+    /// Out: the stored metadata, on a hit.
+    pub metadata: Vec<u8>,
+    /// Out: what happened.
+    pub outcome: ReadOutcome,
+}
+
+/// The result of one read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReadOutcome {
+    /// Not attempted yet.
+    #[default]
+    Pending,
+    /// The value is in `dst`, checksum verified.
+    Hit,
+    /// The entry is gone (overwritten, evicted, or its region reused meanwhile).
+    Miss,
+    /// The entry failed its checks (torn or corrupt); dropped from the index and counted.
+    Corrupt,
+    /// The device failed the read; counted.
+    IoError,
+}
+
+/// Counters and gauges of one store.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Usable capacity in bytes (whole regions).
+    pub capacity_bytes: u64,
+    /// Bytes of live entries (headers and padding included).
+    pub used_bytes: u64,
+    /// Live entries in the index.
+    pub entries: u64,
+    /// Reads that returned a verified value.
+    pub hits: u64,
+    /// Reads of entries that were gone.
+    pub misses: u64,
+    /// Entries written.
+    pub writes: u64,
+    /// Value bytes written.
+    pub write_bytes: u64,
+    /// Value bytes read back.
+    pub read_bytes: u64,
+    /// Entries dropped with their region.
+    pub evictions: u64,
+    /// Hot entries rewritten when their region was evicted.
+    pub reinserted: u64,
+    /// Regions evicted.
+    pub region_evictions: u64,
+    /// Entries found torn or corrupt (at read or recovery).
+    pub corrupt: u64,
+    /// Failed I/O operations.
+    pub io_errors: u64,
+    /// Writes refused (degraded, or an entry larger than a region).
+    pub write_refusals: u64,
+}
+
+/// What [`LogStore::open`] found.
+#[derive(Debug, Clone, Default)]
+pub struct Recovery {
+    /// Entries recovered into the index.
+    pub entries: u64,
+    /// Bytes of regions scanned.
+    pub scanned_bytes: u64,
+    /// Whether a checkpoint was used.
+    pub from_checkpoint: bool,
+    /// Entries skipped as torn, corrupt or expired.
+    pub skipped: u64,
+    /// Wall time of the recovery.
+    pub elapsed: std::time::Duration,
+    /// Why the store was started empty, if it was (a changed layout, say).
+    pub reset: Option<String>,
+}
+
+/// A store error.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The on-disk format is one this build does not read.
+    #[error(
+        "{path}: on-disk format version {found} is not one this agent reads (it reads version \
+         {supported}); move the file aside or point the tier elsewhere"
+    )]
+    UnknownFormat {
+        /// The file or directory.
+        path: PathBuf,
+        /// The version found.
+        found: u32,
+        /// The version this build reads.
+        supported: u32,
+    },
+    /// Another process holds the store.
+    #[error("{path} is in use by another process (is a second agent running?)")]
+    Locked {
+        /// The file or directory.
+        path: PathBuf,
+    },
+    /// An invalid configuration.
+    #[error("invalid store configuration: {0}")]
+    Config(String),
+    /// The store is degraded and refuses writes.
+    #[error("store degraded: {0}")]
+    Degraded(String),
+    /// The entry cannot be stored (larger than a region).
+    #[error("entry of {len} bytes does not fit a region of {region} bytes")]
+    TooLarge {
+        /// Bytes the entry needs.
+        len: u64,
+        /// Region size.
+        region: u64,
+    },
+    /// An I/O error.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The log-structured store. `Send + Sync`: reads run concurrently; writes are serialized.
+pub struct LogStore {
+    _private: (),
+}
+
+impl LogStore {
+    /// Opens (creating or recovering) a store.
+    ///
+    /// # Errors
+    /// See [`StoreError`].
+    pub fn open(cfg: StoreConfig) -> Result<(Self, Recovery), StoreError> {
+        let _ = cfg;
+        unimplemented!()
+    }
+
+    /// The I/O engine in use: `"io_uring"`, `"pread"` or `"mmap"`.
+    #[must_use]
+    pub fn io_engine(&self) -> &'static str {
+        unimplemented!()
+    }
+
+    /// Where the entry with this key hash is, from the in-memory index (no I/O). Expired
+    /// entries are not returned.
+    #[must_use]
+    pub fn locate(&self, hash: u128) -> Option<Location> {
+        let _ = hash;
+        unimplemented!()
+    }
+
+    /// Reads entries into their `dst`, verifying key, sequence number and checksum; fills
+    /// each `outcome` and, on a hit, `metadata`. Blocks until all are done.
+    ///
+    /// # Safety
+    /// Each `dst` must be valid for writes of `loc.value_len` rounded up to 4096 bytes,
+    /// 4096-aligned, and not accessed by anything else until this returns.
+    pub unsafe fn read(&self, reqs: &mut [ReadReq<'_>]) {
+        let _ = reqs;
+        unimplemented!()
+    }
+
+    /// Appends entries (replacing earlier entries of the same hash); returns each one's
+    /// location or why it was not stored. Blocks until written.
+    ///
+    /// # Safety
+    /// Each `value` must be valid for reads of `value_len` rounded up to 4096 bytes,
+    /// 4096-aligned, and not written by anything until this returns.
+    pub unsafe fn write(&self, reqs: &[WriteReq<'_>]) -> Vec<Result<Location, StoreError>> {
+        let _ = reqs;
+        unimplemented!()
+    }
+
+    /// Drops the entry with this hash from the index at once (a later `locate` misses) and
+    /// queues a tombstone so that it stays gone after a restart. Returns whether it existed.
+    pub fn remove(&self, hash: u128) -> bool {
+        let _ = hash;
+        unimplemented!()
+    }
+
+    /// Makes everything written so far durable (pending tombstones, data, a checkpoint).
+    ///
+    /// # Errors
+    /// An I/O error (the store is then degraded).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        unimplemented!()
+    }
+
+    /// Counters and gauges.
+    #[must_use]
+    pub fn stats(&self) -> StoreStats {
+        unimplemented!()
+    }
+
+    /// Why the store is degraded, if it is (ENOSPC, I/O errors, a slow device, a deleted or
+    /// truncated file).
+    #[must_use]
+    pub fn degraded(&self) -> Option<String> {
+        unimplemented!()
+    }
+}
