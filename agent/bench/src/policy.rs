@@ -11,7 +11,7 @@ use std::{
 
 use clap::Args;
 use nencache_engine::{
-    Engine, EngineConfig, EngineError, EvictionPolicy, PutItem, Reserved,
+    Engine, EngineConfig, EngineError, EvictionPolicy, HostConfig, Limits, PutItem, Reserved,
     traces::{ChatConfig, ChatWorkload, Rng, Zipf, zipf_trace},
 };
 
@@ -56,11 +56,17 @@ fn replay<'a>(
 ) -> f64 {
     // Each value is a few bytes: with its key it fits one page, so capacity = pages entries.
     let e = Engine::new(EngineConfig {
-        capacity: pages * PAGE,
-        staging: 64 * PAGE,
-        max_value: PAGE,
-        policy,
-        small_queue_percent: small,
+        limits: Limits {
+            max_value: PAGE,
+            ..Limits::default()
+        },
+        host: HostConfig {
+            capacity: pages * PAGE,
+            staging: 64 * PAGE,
+            policy,
+            small_queue_percent: small,
+            ..HostConfig::default()
+        },
         ..EngineConfig::default()
     })
     .expect("engine");
@@ -218,10 +224,16 @@ fn replay_mixed(policy: EvictionPolicy, a: &PolicyArgs) -> anyhow::Result<Mixed>
     const MIN: f64 = 64.0 * 1024.0;
     const MAX: u64 = 16 << 20;
     let e = Engine::new(EngineConfig {
-        capacity: a.mixed_arena_mib << 20,
-        staging: 64 << 20,
-        max_value: MAX,
-        policy,
+        limits: Limits {
+            max_value: MAX,
+            ..Limits::default()
+        },
+        host: HostConfig {
+            capacity: a.mixed_arena_mib << 20,
+            staging: 64 << 20,
+            policy,
+            ..HostConfig::default()
+        },
         ..EngineConfig::default()
     })?;
     let s = e.open_session()?;

@@ -32,12 +32,20 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .with_state(state)
 }
 
+/// Ready while the sockets serve. A degraded lower tier does not make the agent unready
+/// (it serves from the other tiers); each tier's state is listed below the first line.
 async fn readyz(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
-    if s.ready.load(Ordering::Acquire) {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    if !s.ready.load(Ordering::Acquire) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_string());
     }
+    let mut body = "ready\n".to_string();
+    for t in s.engine.tier_stats() {
+        let state = t
+            .degraded
+            .map_or_else(|| "ok".to_string(), |why| format!("degraded: {why}"));
+        body.push_str(&format!("tier {}: {state}\n", t.tier.name()));
+    }
+    (StatusCode::OK, body)
 }
 
 async fn metrics(State(s): State<Arc<AdminState>>) -> impl IntoResponse {

@@ -264,7 +264,7 @@ async fn handle(ops: &Ops, session: SessionId, req: Request<'_>) -> (&'static st
         ),
         Request::Get(keys, release) => (
             "session_get",
-            ops.get(session, &keys, &release).map(|ls| {
+            ops.get(session, &keys, &release).await.map(|ls| {
                 Response::Get(
                     ls.into_iter()
                         .map(|l| {

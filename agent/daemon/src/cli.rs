@@ -94,9 +94,13 @@ pub struct DemoArgs {
     /// Bytes of KV per chunk of 256 tokens.
     #[arg(long, default_value = "2MiB")]
     pub chunk_bytes: ByteSize,
-    /// Host-memory arena of the demo agent [default: the agent's default, 1GiB].
-    #[arg(long)]
-    pub host_capacity: Option<ByteSize>,
+    /// Host-memory arena of the demo agent: small, so that the workload spills to the
+    /// lower tier and comes back.
+    #[arg(long, default_value = "256MiB")]
+    pub host_capacity: ByteSize,
+    /// The demo agent's lower tier (a file in its temporary directory, O_DIRECT).
+    #[arg(long, default_value = "2GiB")]
+    pub tier_size: ByteSize,
     /// Hide the progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -220,17 +224,24 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let serve = ServeArgs {
         socket: Some(dir.path().join("agent.sock")),
         admin_addr: Some("127.0.0.1:0".into()),
-        host_capacity: args.host_capacity,
+        host_capacity: Some(args.host_capacity),
+        staging_size: Some(ByteSize(args.host_capacity.0 / 4)),
+        max_value: Some(ByteSize(args.chunk_bytes.0.max(1 << 20))),
+        nvme_path: Some(dir.path().join("cache.t2")),
+        nvme_size: Some(args.tier_size),
         ..ServeArgs::default()
     };
     let settings = serve.resolve(None)?;
-    let capacity = settings.engine.capacity;
+    let capacity = settings.engine.host.capacity;
     let started = Instant::now();
     let agent = Agent::bind(settings).await?;
     let socket = agent.socket().to_path_buf();
+    let engine = agent.engine().clone();
     println!(
-        "agent: host tier {} on {} (admin http://{}/metrics), ready in {:.0} ms",
+        "agent: host tier {}, nvme tier {} ({}) on {} (admin http://{}/metrics), ready in {:.0} ms",
         ByteSize(capacity),
+        args.tier_size,
+        engine.tier_stats().first().map_or("none", |t| t.io_engine),
         socket.display(),
         agent
             .admin_addr()
@@ -304,13 +315,28 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         totals.bytes_written as f64 / 1e9,
         (totals.bytes_read + totals.bytes_written) as f64 / wall / 1e9
     );
+    for t in &stats.tiers {
+        let name = nencache_api::v1::Tier::try_from(t.tier)
+            .map_or("?", |t| t.as_str_name())
+            .trim_start_matches("TIER_")
+            .to_ascii_lowercase();
+        println!(
+            "  tier {name:<11} {} hits, {} entries, {} used of {}, {} evictions{}",
+            t.hits,
+            t.entries,
+            ByteSize(t.used_bytes),
+            ByteSize(t.capacity_bytes),
+            t.evictions,
+            if t.degraded.is_empty() {
+                String::new()
+            } else {
+                format!(", degraded: {}", t.degraded)
+            }
+        );
+    }
     println!(
-        "  agent            {} entries, {} used of {}, {} evictions, {} leases held",
-        stats.tiers.first().map_or(0, |t| t.entries),
-        ByteSize(stats.tiers.first().map_or(0, |t| t.used_bytes)),
-        ByteSize(capacity),
-        stats.tiers.first().map_or(0, |t| t.evictions),
-        stats.leases
+        "  movement         {} values promoted from the lower tier, {} demoted to it, {} evicted unsaved",
+        stats.promotions, stats.demotions, stats.evictions_unsaved
     );
     let _ = stop_tx.send(());
     server.await??;

@@ -10,7 +10,10 @@ use std::{
 };
 
 use clap::Args;
-use nencache_engine::{EngineConfig, EvictionPolicy};
+use nencache_engine::{
+    Admission, DemotionConfig, EngineConfig, EvictionPolicy, HostConfig, IoEngineKind, Limits,
+    StoreConfig, Tier, TierConfig,
+};
 use serde::Deserialize;
 
 /// A configuration problem, reported before anything starts.
@@ -174,6 +177,43 @@ pub struct FileConfig {
     /// Bounds on tables and batches.
     #[serde(default)]
     pub limits: LimitsFileConfig,
+    /// Directory for the default lower tier (when no `tiers` section is given).
+    pub data_dir: Option<PathBuf>,
+    /// Lower tiers. Absent: a default disk-backed tier in `data_dir`; `{}`: none.
+    pub tiers: Option<TiersFileConfig>,
+}
+
+/// `tiers:` section.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct TiersFileConfig {
+    /// T2: a log-structured store on one file or block device, O_DIRECT.
+    pub nvme: Option<TierFileConfig>,
+    /// T3: memory-mapped segment files in a directory.
+    pub disk: Option<TierFileConfig>,
+    /// Share of the arena, in percent, whose coldest entries are written down ahead of
+    /// eviction.
+    pub demotion_clean_percent: Option<u8>,
+    /// Most bytes being written down at once.
+    pub demotion_queue: Option<ByteSize>,
+}
+
+/// One lower tier.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct TierFileConfig {
+    /// nvme: the file or block device; disk: the directory.
+    pub path: Option<PathBuf>,
+    /// Capacity; 0 disables the tier.
+    pub size: Option<ByteSize>,
+    /// Unit of allocation and eviction.
+    pub region_size: Option<ByteSize>,
+    /// nvme only: `auto`, `io_uring` or `pread`.
+    pub io_engine: Option<String>,
+    /// I/Os in flight per batch.
+    pub queue_depth: Option<u32>,
+    /// `all` or `reused`.
+    pub admission: Option<String>,
 }
 
 /// `host:` section.
@@ -274,6 +314,67 @@ pub struct ServeArgs {
     /// Grace period for in-flight calls at shutdown [default: 10s].
     #[arg(long, env = "NENCACHE_AGENT_SHUTDOWN_GRACE")]
     pub shutdown_grace: Option<HumanDuration>,
+    /// Directory of the default lower tier [default: $XDG_DATA_HOME/nencache, else
+    /// ~/.local/share/nencache].
+    #[arg(long, env = "NENCACHE_AGENT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// NVMe tier (T2) file or block device [default: <data-dir>/cache.t2 when no tier is
+    /// configured].
+    #[arg(long, env = "NENCACHE_AGENT_NVME_PATH")]
+    pub nvme_path: Option<PathBuf>,
+    /// NVMe tier size; 0 disables it [default: 4GiB for the default tier].
+    #[arg(long, env = "NENCACHE_AGENT_NVME_SIZE")]
+    pub nvme_size: Option<ByteSize>,
+    /// Disk tier (T3) directory of segment files.
+    #[arg(long, env = "NENCACHE_AGENT_DISK_PATH")]
+    pub disk_path: Option<PathBuf>,
+    /// Disk tier size; 0 disables it.
+    #[arg(long, env = "NENCACHE_AGENT_DISK_SIZE")]
+    pub disk_size: Option<ByteSize>,
+    /// NVMe tier I/O engine: auto, io_uring or pread [default: auto].
+    #[arg(long, env = "NENCACHE_AGENT_IO_ENGINE")]
+    pub io_engine: Option<String>,
+}
+
+/// Size of the default lower tier: enough to matter, small enough for a laptop.
+pub const DEFAULT_TIER_SIZE: u64 = 4 << 30;
+
+/// The per-user data directory of the default lower tier.
+#[must_use]
+pub fn default_data_dir(xdg_data_home: Option<&Path>, home: Option<&Path>) -> PathBuf {
+    match (xdg_data_home, home) {
+        (Some(d), _) if d.is_absolute() => d.join("nencache"),
+        (_, Some(h)) if h.is_absolute() => h.join(".local/share/nencache"),
+        _ => PathBuf::from(format!(
+            "/var/tmp/nencache-{}",
+            rustix::process::getuid().as_raw()
+        )),
+    }
+}
+
+/// The process environment the settings depend on, passed in so that resolving reads no
+/// environment itself.
+#[derive(Debug, Clone, Default)]
+pub struct Env {
+    /// `$XDG_RUNTIME_DIR`.
+    pub xdg_runtime_dir: Option<PathBuf>,
+    /// `$XDG_DATA_HOME`.
+    pub xdg_data_home: Option<PathBuf>,
+    /// `$HOME`.
+    pub home: Option<PathBuf>,
+}
+
+impl Env {
+    /// Reads the variables from the process environment.
+    #[must_use]
+    pub fn from_process() -> Self {
+        let var = |k: &str| std::env::var_os(k).map(PathBuf::from);
+        Self {
+            xdg_runtime_dir: var("XDG_RUNTIME_DIR"),
+            xdg_data_home: var("XDG_DATA_HOME"),
+            home: var("HOME"),
+        }
+    }
 }
 
 /// Validated settings the agent runs with.
@@ -291,8 +392,10 @@ pub struct Settings {
     pub otlp_endpoint: Option<String>,
     /// Shutdown grace period.
     pub shutdown_grace: Duration,
-    /// Host tier.
+    /// The engine: limits, host tier, lower tiers.
     pub engine: EngineConfig,
+    /// Whether the lower tier is the built-in default (said in the first log line).
+    pub default_tier: bool,
 }
 
 /// The per-user runtime directory the agent uses when no socket is configured.
@@ -314,6 +417,18 @@ impl ServeArgs {
     /// # Errors
     /// An unreadable or invalid file, or invalid values.
     pub fn resolve(&self, xdg_runtime_dir: Option<&Path>) -> Result<Settings, ConfigError> {
+        let env = Env {
+            xdg_runtime_dir: xdg_runtime_dir.map(Path::to_path_buf),
+            ..Env::from_process()
+        };
+        self.resolve_in(&env)
+    }
+
+    /// [`ServeArgs::resolve`] with every environment input given.
+    ///
+    /// # Errors
+    /// As [`ServeArgs::resolve`].
+    pub fn resolve_in(&self, env: &Env) -> Result<Settings, ConfigError> {
         let file = match &self.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -329,14 +444,13 @@ impl ServeArgs {
             }
             None => FileConfig::default(),
         };
-        Self::merge(self.clone(), file, xdg_runtime_dir)
+        Self::merge(self.clone(), file, env)
     }
 
-    fn merge(
-        a: Self,
-        f: FileConfig,
-        xdg_runtime_dir: Option<&Path>,
-    ) -> Result<Settings, ConfigError> {
+    fn merge(a: Self, f: FileConfig, env: &Env) -> Result<Settings, ConfigError> {
+        let xdg_runtime_dir = env.xdg_runtime_dir.as_deref();
+        let (tiers, demotion, default_tier) =
+            Self::tiers(&a, f.tiers.clone(), f.data_dir.clone(), env)?;
         let invalid = ConfigError::Invalid;
         let socket = a
             .socket
@@ -361,7 +475,7 @@ impl ServeArgs {
                     .map_err(|e| invalid(format!("admin address {admin:?}: {e}")))?,
             )
         };
-        let d = EngineConfig::default();
+        let d = HostConfig::default();
         let capacity = a
             .host_capacity
             .or(f.host.capacity)
@@ -375,7 +489,8 @@ impl ServeArgs {
             },
             |b| b.0,
         );
-        let max_value = max_value_set.unwrap_or_else(|| d.max_value.min(staging).min(capacity));
+        let max_value =
+            max_value_set.unwrap_or_else(|| Limits::default().max_value.min(staging).min(capacity));
         let page_size = a
             .page_size
             .or(f.host.page_size)
@@ -385,33 +500,51 @@ impl ServeArgs {
             None => d.policy,
         };
         let l = f.limits;
+        let dl = Limits::default();
         let engine = EngineConfig {
-            capacity,
-            staging,
-            page_size: u32::try_from(page_size)
-                .map_err(|_| invalid(format!("page size {page_size} is too large")))?,
-            max_value,
-            max_batch: l.max_batch.unwrap_or(d.max_batch),
-            max_leases: l.max_leases.unwrap_or(d.max_leases),
-            max_leases_per_session: l.max_leases_per_session.unwrap_or(d.max_leases_per_session),
-            max_reservations: l.max_reservations.unwrap_or(d.max_reservations),
-            max_reservations_per_session: l
-                .max_reservations_per_session
-                .unwrap_or(d.max_reservations_per_session),
-            max_staging_per_session: l.max_staging_per_session.map(|b| b.0),
-            max_sessions: l.max_sessions.unwrap_or(d.max_sessions),
-            reservation_timeout: a
-                .reservation_timeout
-                .or(l.reservation_timeout)
-                .map_or(d.reservation_timeout, |h| h.0),
-            default_ttl: a.default_ttl.or(f.host.default_ttl).map(|h| h.0),
-            policy,
-            small_queue_percent: a
-                .small_queue_percent
-                .or(f.host.small_queue_percent)
-                .unwrap_or(d.small_queue_percent),
-            lock_memory: a.lock_memory.or(f.host.lock_memory).unwrap_or(false),
+            limits: Limits {
+                max_value,
+                max_batch: l.max_batch.unwrap_or(dl.max_batch),
+                max_leases: l.max_leases.unwrap_or(dl.max_leases),
+                max_leases_per_session: l
+                    .max_leases_per_session
+                    .unwrap_or(dl.max_leases_per_session),
+                max_reservations: l.max_reservations.unwrap_or(dl.max_reservations),
+                max_reservations_per_session: l
+                    .max_reservations_per_session
+                    .unwrap_or(dl.max_reservations_per_session),
+                max_staging_per_session: l.max_staging_per_session.map(|b| b.0),
+                max_sessions: l.max_sessions.unwrap_or(dl.max_sessions),
+                reservation_timeout: a
+                    .reservation_timeout
+                    .or(l.reservation_timeout)
+                    .map_or(dl.reservation_timeout, |h| h.0),
+                default_ttl: a.default_ttl.or(f.host.default_ttl).map(|h| h.0),
+            },
+            host: HostConfig {
+                capacity,
+                staging,
+                page_size: u32::try_from(page_size)
+                    .map_err(|_| invalid(format!("page size {page_size} is too large")))?,
+                policy,
+                small_queue_percent: a
+                    .small_queue_percent
+                    .or(f.host.small_queue_percent)
+                    .unwrap_or(d.small_queue_percent),
+                lock_memory: a.lock_memory.or(f.host.lock_memory).unwrap_or(false),
+            },
+            tiers,
+            demotion,
         };
+        let mut engine = engine;
+        // Limits and host tier first, so their errors are the ones reported.
+        EngineConfig {
+            tiers: Vec::new(),
+            ..engine.clone()
+        }
+        .validate()
+        .map_err(|e| invalid(e.to_string()))?;
+        fit_regions(&mut engine)?;
         engine.validate().map_err(|e| invalid(e.to_string()))?;
         Ok(Settings {
             socket,
@@ -427,8 +560,139 @@ impl ServeArgs {
                 .or(f.shutdown_grace)
                 .map_or(Duration::from_secs(10), |h| h.0),
             engine,
+            default_tier,
         })
     }
+
+    /// The lower tiers: from flags over the file's `tiers` section; with neither, one
+    /// default NVMe-style tier in the data directory.
+    fn tiers(
+        a: &Self,
+        f: Option<TiersFileConfig>,
+        data_dir: Option<PathBuf>,
+        env: &Env,
+    ) -> Result<(Vec<TierConfig>, DemotionConfig, bool), ConfigError> {
+        let invalid = ConfigError::Invalid;
+        let flags_set = a.nvme_path.is_some()
+            || a.nvme_size.is_some()
+            || a.disk_path.is_some()
+            || a.disk_size.is_some();
+        let default_tier = f.is_none() && !flags_set;
+        let mut f = f.unwrap_or_default();
+        let data_dir =
+            a.data_dir.clone().or(data_dir).unwrap_or_else(|| {
+                default_data_dir(env.xdg_data_home.as_deref(), env.home.as_deref())
+            });
+        if default_tier {
+            f.nvme = Some(TierFileConfig {
+                path: Some(data_dir.join("cache.t2")),
+                size: Some(ByteSize(DEFAULT_TIER_SIZE)),
+                ..TierFileConfig::default()
+            });
+        }
+        let mut nvme = f.nvme.take().unwrap_or_default();
+        nvme.path = a.nvme_path.clone().or(nvme.path);
+        nvme.size = a.nvme_size.or(nvme.size);
+        nvme.io_engine = a.io_engine.clone().or(nvme.io_engine);
+        let mut disk = f.disk.take().unwrap_or_default();
+        disk.path = a.disk_path.clone().or(disk.path);
+        disk.size = a.disk_size.or(disk.size);
+        let both = [&nvme, &disk]
+            .iter()
+            .all(|t| t.size.is_some_and(|s| s.0 > 0));
+        let mut out = Vec::new();
+        for (tier, t) in [(Tier::Nvme, nvme), (Tier::Disk, disk)] {
+            let name = tier.name();
+            let size = match t.size {
+                Some(s) if s.0 > 0 => s.0,
+                Some(_) => continue,
+                None if t.path.is_none() => continue,
+                None => return Err(invalid(format!("tiers.{name}: a path needs a size"))),
+            };
+            let Some(path) = t.path else {
+                return Err(invalid(format!("tiers.{name}: a size needs a path")));
+            };
+            let io_engine = match (tier, t.io_engine.as_deref()) {
+                (Tier::Disk, None | Some("mmap")) => IoEngineKind::Mmap,
+                (Tier::Disk, Some(other)) => {
+                    return Err(invalid(format!(
+                        "tiers.disk: io_engine {other:?}: the disk tier is memory-mapped"
+                    )));
+                }
+                (_, None | Some("auto")) => IoEngineKind::Auto,
+                (_, Some("io_uring" | "io-uring" | "uring")) => IoEngineKind::IoUring,
+                (_, Some("pread")) => IoEngineKind::Pread,
+                (_, Some(other)) => {
+                    return Err(invalid(format!(
+                        "tiers.{name}: unknown io_engine {other:?} (expected auto, io_uring or \
+                         pread)"
+                    )));
+                }
+            };
+            // Regions of the default size grow to hold the largest value (`fit_regions`).
+            let region_size = t.region_size.map_or(0, |b| b.0);
+            if region_size != 0 && (!region_size.is_power_of_two() || region_size < 1 << 20) {
+                return Err(invalid(format!(
+                    "tiers.{name}: region size {region_size} is not a power of two of at least \
+                     1MiB"
+                )));
+            }
+            let admission = match t.admission {
+                Some(s) => s
+                    .parse::<Admission>()
+                    .map_err(|e| invalid(format!("tiers.{name}: {e}")))?,
+                // With both tiers, chunks read while in host memory go to NVMe, the rest to
+                // the cheaper disk tier.
+                None if both && tier == Tier::Nvme => Admission::Reused,
+                None => Admission::All,
+            };
+            out.push(TierConfig {
+                tier,
+                store: StoreConfig {
+                    path,
+                    capacity: size,
+                    region_size,
+                    io_engine,
+                    queue_depth: t.queue_depth.unwrap_or(32).clamp(1, 4096),
+                    slow_io: Duration::from_secs(2),
+                },
+                admission,
+            });
+        }
+        let dd = DemotionConfig::default();
+        let demotion = DemotionConfig {
+            clean_percent: f.demotion_clean_percent.unwrap_or(dd.clean_percent),
+            queue_bytes: f.demotion_queue.map_or(dd.queue_bytes, |b| b.0),
+        };
+        Ok((out, demotion, default_tier))
+    }
+}
+
+/// Gives tiers without a region size the default (16MiB for nvme, 64MiB for disk), or the
+/// power of two that holds the largest value with its header if that is more; then checks
+/// that each tier has at least two regions.
+fn fit_regions(engine: &mut EngineConfig) -> Result<(), ConfigError> {
+    let need = (engine.limits.max_value + 2 * 4096 + nencache_engine::MAX_METADATA_LEN as u64)
+        .next_power_of_two();
+    for t in &mut engine.tiers {
+        if t.store.region_size == 0 {
+            let default = if t.tier == Tier::Nvme {
+                16 << 20
+            } else {
+                64 << 20
+            };
+            t.store.region_size = need.max(default);
+        }
+        if t.store.capacity < 2 * t.store.region_size {
+            return Err(ConfigError::Invalid(format!(
+                "tiers.{}: size {} is less than two regions of {}",
+                t.tier.name(),
+                ByteSize(t.store.capacity),
+                ByteSize(t.store.region_size)
+            )));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -441,8 +705,8 @@ mod tests {
             .resolve(Some(Path::new("/run/user/1000")))
             .unwrap();
         assert_eq!(s.socket, Path::new("/run/user/1000/nencache/agent.sock"));
-        assert_eq!(s.engine.capacity, 1 << 30);
-        assert_eq!(s.engine.staging, 256 << 20);
+        assert_eq!(s.engine.host.capacity, 1 << 30);
+        assert_eq!(s.engine.host.staging, 256 << 20);
         assert_eq!(s.admin_addr, Some("127.0.0.1:9464".parse().unwrap()));
         let s = ServeArgs::default().resolve(None).unwrap();
         assert!(s.socket.starts_with("/tmp"));
@@ -466,11 +730,11 @@ mod tests {
         let s = args.resolve(None).unwrap();
         assert_eq!(s.socket, Path::new("/x/a.sock"));
         assert_eq!(s.admin_addr, None);
-        assert_eq!(s.engine.capacity, 32 << 20);
-        assert_eq!(s.engine.staging, 8 << 20);
-        assert_eq!(s.engine.policy, EvictionPolicy::Lru);
-        assert_eq!(s.engine.default_ttl, Some(Duration::from_secs(300)));
-        assert_eq!(s.engine.reservation_timeout, Duration::from_secs(2));
+        assert_eq!(s.engine.host.capacity, 32 << 20);
+        assert_eq!(s.engine.host.staging, 8 << 20);
+        assert_eq!(s.engine.host.policy, EvictionPolicy::Lru);
+        assert_eq!(s.engine.limits.default_ttl, Some(Duration::from_secs(300)));
+        assert_eq!(s.engine.limits.reservation_timeout, Duration::from_secs(2));
     }
 
     #[test]
@@ -478,7 +742,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.yaml");
         let s = ServeArgs::default().resolve(None).unwrap();
-        assert_eq!(s.engine.max_reservations_per_session, 1024);
+        assert_eq!(s.engine.limits.max_reservations_per_session, 1024);
         assert_eq!(
             s.engine.staging_per_session(),
             64 << 20,
@@ -496,7 +760,7 @@ mod tests {
         }
         .resolve(None)
         .unwrap();
-        assert_eq!(s.engine.max_reservations_per_session, 16);
+        assert_eq!(s.engine.limits.max_reservations_per_session, 16);
         assert_eq!(s.engine.staging_per_session(), 12 << 20);
         for (yaml, why) in [
             (

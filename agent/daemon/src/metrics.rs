@@ -92,6 +92,7 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition, engine statistics included.
+    #[allow(clippy::too_many_lines)]
     #[must_use]
     pub fn render(&self, engine: &Engine) -> String {
         let mut out = String::new();
@@ -101,6 +102,27 @@ impl Metrics {
             out.truncate(stripped.len());
         }
         let s = engine.stats();
+        let tiers = engine.tier_stats();
+        let label = |t: &nencache_engine::TierStats| format!("{{tier=\"{}\"}}", t.tier.name());
+        let per_tier = |host: Option<u64>, f: &dyn Fn(&nencache_engine::TierStats) -> u64| {
+            let mut v: Vec<(String, u64)> = host
+                .map(|h| ("{tier=\"host\"}".to_string(), h))
+                .into_iter()
+                .collect();
+            v.extend(tiers.iter().map(|t| (label(t), f(t))));
+            v
+        };
+        let hits = per_tier(Some(s.hits - s.promotions), &|t| t.hits);
+        let evictions = per_tier(Some(s.evictions), &|t| t.store.evictions);
+        let entries = per_tier(Some(s.entries), &|t| t.store.entries);
+        let capacity = per_tier(None, &|t| t.store.capacity_bytes);
+        let used = per_tier(None, &|t| t.store.used_bytes);
+        let demotions = per_tier(None, &|t| t.demotions);
+        let demoted_bytes = per_tier(None, &|t| t.demoted_bytes);
+        let read_bytes = per_tier(None, &|t| t.store.read_bytes);
+        let corrupt = per_tier(None, &|t| t.store.corrupt);
+        let io_errors = per_tier(None, &|t| t.store.io_errors);
+        let degraded = per_tier(None, &|t| u64::from(t.degraded.is_some()));
         let mut metric = |name: &str, kind: &str, help: &str, series: &[(&str, u64)]| {
             let full = format!("nencache_agent_{name}");
             let _ = writeln!(out, "# HELP {full} {help}\n# TYPE {full} {kind}");
@@ -112,8 +134,8 @@ impl Metrics {
         metric(
             "hits",
             "counter",
-            "Keys found by get",
-            &[("{tier=\"host\"}", s.hits)],
+            "Keys found by get, by the tier that held them (a lower-tier hit is promoted)",
+            &series(&hits),
         );
         metric(
             "misses",
@@ -142,8 +164,8 @@ impl Metrics {
         metric(
             "evictions",
             "counter",
-            "Entries evicted to make room",
-            &[("{tier=\"host\"}", s.evictions)],
+            "Entries evicted to make room (lower tiers: with their region)",
+            &series(&evictions),
         );
         metric(
             "expirations",
@@ -181,24 +203,75 @@ impl Metrics {
             "gauge",
             "Tier capacity",
             &[
-                ("{tier=\"host\"}", s.capacity_bytes),
-                ("{tier=\"staging\"}", s.staging_bytes),
-            ],
+                &[
+                    ("{tier=\"host\"}", s.capacity_bytes),
+                    ("{tier=\"staging\"}", s.staging_bytes),
+                ][..],
+                &series(&capacity),
+            ]
+            .concat(),
         );
         metric(
             "tier_used_bytes",
             "gauge",
             "Tier bytes in use",
             &[
-                ("{tier=\"host\"}", s.used_bytes),
-                ("{tier=\"staging\"}", s.staging_used_bytes),
-            ],
+                &[
+                    ("{tier=\"host\"}", s.used_bytes),
+                    ("{tier=\"staging\"}", s.staging_used_bytes),
+                ][..],
+                &series(&used),
+            ]
+            .concat(),
+        );
+        metric("entries", "gauge", "Committed entries", &series(&entries));
+        metric(
+            "promotions",
+            "counter",
+            "Values read from a lower tier into host memory",
+            &[("", s.promotions)],
         );
         metric(
-            "entries",
+            "demotions",
+            "counter",
+            "Entries written from host memory to a lower tier",
+            &series(&demotions),
+        );
+        metric(
+            "demoted_bytes",
+            "counter",
+            "Value bytes written from host memory to a lower tier",
+            &series(&demoted_bytes),
+        );
+        metric(
+            "tier_read_bytes",
+            "counter",
+            "Value bytes read back from a lower tier",
+            &series(&read_bytes),
+        );
+        metric(
+            "evictions_unsaved",
+            "counter",
+            "Host entries evicted that no lower tier held",
+            &[("", s.evictions_unsaved)],
+        );
+        metric(
+            "tier_corrupt_entries",
+            "counter",
+            "Lower-tier entries found torn or corrupt (never served)",
+            &series(&corrupt),
+        );
+        metric(
+            "tier_io_errors",
+            "counter",
+            "Failed lower-tier I/O operations",
+            &series(&io_errors),
+        );
+        metric(
+            "tier_degraded",
             "gauge",
-            "Committed entries",
-            &[("{tier=\"host\"}", s.entries)],
+            "1 while a lower tier is degraded (full, failing, slow, or its file gone)",
+            &series(&degraded),
         );
         metric("leases", "gauge", "Leases held", &[("", s.leases)]);
         metric(
@@ -236,4 +309,9 @@ pub fn code_name(code: tonic::Code) -> &'static str {
         C::DataLoss => "DATA_LOSS",
         C::Unauthenticated => "UNAUTHENTICATED",
     }
+}
+
+/// Borrowed series of a metric from owned labels.
+fn series(v: &[(String, u64)]) -> Vec<(&str, u64)> {
+    v.iter().map(|(l, n)| (l.as_str(), *n)).collect()
 }

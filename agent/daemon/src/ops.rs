@@ -7,7 +7,8 @@ use std::{sync::Arc, time::Duration};
 
 use nencache_api::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, negotiate, v1};
 use nencache_engine::{
-    Committed, Engine, EngineError, Lease, MAX_KEY_LEN, MAX_METADATA_LEN, PutItem, Reserved, Tier,
+    Committed, Engine, EngineError, Get, Lease, MAX_KEY_LEN, MAX_METADATA_LEN, PutItem, Reserved,
+    Tier,
 };
 use tonic::{Code, Status};
 
@@ -53,6 +54,8 @@ pub fn status_of(e: &EngineError) -> Status {
 pub fn tier(t: Tier) -> i32 {
     match t {
         Tier::Host => v1::Tier::Host as i32,
+        Tier::Nvme => v1::Tier::Nvme as i32,
+        Tier::Disk => v1::Tier::Disk as i32,
     }
 }
 
@@ -167,17 +170,17 @@ impl Ops {
                 size: self.engine.staging().len() as u64,
                 writable: true,
             }),
-            page_size: cfg.page_size,
+            page_size: cfg.host.page_size,
             attach_socket: attach_socket.to_owned(),
             limits: Some(v1::Limits {
                 max_key_len: MAX_KEY_LEN as u32,
-                max_value_len: cfg.max_value,
+                max_value_len: cfg.limits.max_value,
                 max_metadata_len: MAX_METADATA_LEN as u32,
-                max_batch: cfg.max_batch as u32,
-                max_leases_per_session: cfg.max_leases_per_session,
-                max_reservations_per_session: cfg.max_reservations_per_session,
+                max_batch: cfg.limits.max_batch as u32,
+                max_leases_per_session: cfg.limits.max_leases_per_session,
+                max_reservations_per_session: cfg.limits.max_reservations_per_session,
                 max_staging_per_session: cfg.staging_per_session(),
-                reservation_timeout_ms: cfg.reservation_timeout.as_millis() as u64,
+                reservation_timeout_ms: cfg.limits.reservation_timeout.as_millis() as u64,
                 max_frame_len: self.wire.max_frame_len as u32,
                 max_message_len: self.wire.max_message_len as u32,
             }),
@@ -200,14 +203,14 @@ impl Ops {
     ///
     /// # Errors
     /// An invalid request (then nothing is done), or as the engine's get.
-    pub fn get(
+    pub async fn get(
         &self,
         session: u64,
         keys: &[&[u8]],
         release: &[u64],
     ) -> Result<Vec<Option<Lease>>, EngineError> {
         // A GET refused as invalid does nothing at all, its releases included.
-        let max = self.engine.config().max_batch;
+        let max = self.engine.config().limits.max_batch;
         for len in [keys.len(), release.len()] {
             if len > max {
                 return Err(EngineError::BatchTooLarge { len, max });
@@ -221,7 +224,17 @@ impl Ops {
                 let _ = self.engine.release(session, &[id]);
             }
         }
-        self.engine.get(session, keys)
+        // Host hits are leased at once; values in a lower tier are read on a blocking
+        // thread, so a slow device holds up only the calls that need it.
+        match self.engine.begin_get(session, keys)? {
+            Get::Ready(out) => Ok(out),
+            Get::Pending(pending) => tokio::task::spawn_blocking(move || pending.finish())
+                .await
+                .map_err(|e| EngineError::Io {
+                    what: "reading from a lower tier",
+                    source: std::io::Error::other(e.to_string()),
+                })?,
+        }
     }
 
     /// Releases leases, all or nothing.
@@ -292,13 +305,19 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nencache_engine::EngineConfig;
+    use nencache_engine::{EngineConfig, HostConfig, Limits};
 
     fn ops() -> Ops {
         let cfg = EngineConfig {
-            capacity: 4 << 20,
-            staging: 1 << 20,
-            max_value: 1 << 20,
+            limits: Limits {
+                max_value: 1 << 20,
+                ..Limits::default()
+            },
+            host: HostConfig {
+                capacity: 4 << 20,
+                staging: 1 << 20,
+                ..HostConfig::default()
+            },
             ..EngineConfig::default()
         };
         Ops::new(

@@ -112,6 +112,12 @@ impl Agent {
         })
     }
 
+    /// The engine (for in-process callers: the demo, tests).
+    #[must_use]
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
     /// The gRPC socket path.
     #[must_use]
     pub fn socket(&self) -> &Path {
@@ -165,7 +171,7 @@ impl Agent {
         let reaper = {
             let engine = engine.clone();
             let mut rx = stop_rx.clone();
-            let every = (settings.engine.reservation_timeout / 4)
+            let every = (settings.engine.limits.reservation_timeout / 4)
                 .clamp(Duration::from_millis(10), Duration::from_secs(1));
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(every);
@@ -182,6 +188,15 @@ impl Agent {
                 }
             })
         };
+        // Demotion runs on its own thread: it blocks on device writes.
+        let demoter_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let demoter = (!engine.lower_tiers().is_empty()).then(|| {
+            let engine = engine.clone();
+            let stop = demoter_stop.clone();
+            std::thread::Builder::new()
+                .name("nencache-demote".into())
+                .spawn(move || engine.run_demoter(&stop, Duration::from_millis(50)))
+        });
         let (health, health_service) = tonic_health::server::health_reporter();
         health
             .set_serving::<NodeCacheServer<NodeCacheService>>()
@@ -211,14 +226,16 @@ impl Agent {
         tracing::info!(
             socket = %paths.grpc.display(),
             attach = %paths.attach.display(),
-            host_capacity = settings.engine.capacity,
-            staging = settings.engine.staging,
-            eviction = ?settings.engine.policy,
+            host_capacity = settings.engine.host.capacity,
+            staging = settings.engine.host.staging,
+            eviction = ?settings.engine.host.policy,
             "nencache agent serving"
         );
+        let mut deadline = None;
         let result = tokio::select! {
             r = &mut server => r.map_err(AgentError::from),
             () = shutdown => {
+                deadline = Some(std::time::Instant::now() + settings.shutdown_grace);
                 tracing::info!(grace = ?settings.shutdown_grace, "shutting down: no new calls, draining in-flight ones");
                 state.ready.store(false, Ordering::Release);
                 health.set_not_serving::<NodeCacheServer<NodeCacheService>>().await;
@@ -238,6 +255,29 @@ impl Agent {
         let _ = drained_tx.send(true);
         let _ = attach_task.await;
         let _ = reaper.await;
+        demoter_stop.store(true, Ordering::Release);
+        engine.wake_demoter();
+        if let Some(Ok(t)) = demoter {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+        if !engine.lower_tiers().is_empty() {
+            // A graceful stop keeps the host tier: what no lower tier holds yet is written
+            // down, hottest first, within what is left of the grace period.
+            let deadline =
+                deadline.unwrap_or_else(|| std::time::Instant::now() + settings.shutdown_grace);
+            let e = engine.clone();
+            let start = std::time::Instant::now();
+            let written = tokio::task::spawn_blocking(move || e.persist(deadline))
+                .await
+                .unwrap_or(0);
+            let left = engine.stats().entries;
+            tracing::info!(
+                written,
+                host_entries = left,
+                ms = start.elapsed().as_millis() as u64,
+                "host entries written to the lower tiers"
+            );
+        }
         if let Some(t) = admin_task {
             let _ = t.await;
         }

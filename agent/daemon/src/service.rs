@@ -162,6 +162,7 @@ impl NodeCache for NodeCacheService {
         let r = self
             .ops
             .get(req.session, &keys(&req.keys), &[])
+            .await
             .map_err(|e| status_of(&e))
             .map(|ls| v1::GetResponse {
                 items: ls
@@ -216,14 +217,39 @@ impl NodeCache for NodeCacheService {
     ) -> Result<Response<v1::StatsResponse>, Status> {
         let start = Instant::now();
         let s = self.ops.engine().stats();
+        let host = v1::TierStats {
+            tier: v1::Tier::Host as i32,
+            capacity_bytes: s.capacity_bytes,
+            used_bytes: s.used_bytes,
+            entries: s.entries,
+            evictions: s.evictions,
+            hits: s.hits - s.promotions,
+            ..v1::TierStats::default()
+        };
+        let lower = self
+            .ops
+            .engine()
+            .tier_stats()
+            .into_iter()
+            .map(|t| v1::TierStats {
+                tier: tier(t.tier),
+                capacity_bytes: t.store.capacity_bytes,
+                used_bytes: t.store.used_bytes,
+                entries: t.store.entries,
+                evictions: t.store.evictions,
+                hits: t.hits,
+                read_bytes: t.store.read_bytes,
+                written_bytes: t.demoted_bytes,
+                io_errors: t.store.io_errors,
+                corrupt_entries: t.store.corrupt,
+                degraded: t.degraded.unwrap_or_default(),
+                io_engine: t.io_engine.into(),
+            });
         let r = Ok(v1::StatsResponse {
-            tiers: vec![v1::TierStats {
-                tier: v1::Tier::Host as i32,
-                capacity_bytes: s.capacity_bytes,
-                used_bytes: s.used_bytes,
-                entries: s.entries,
-                evictions: s.evictions,
-            }],
+            tiers: std::iter::once(host).chain(lower).collect(),
+            promotions: s.promotions,
+            demotions: s.demotions,
+            evictions_unsaved: s.evictions_unsaved,
             hits: s.hits,
             misses: s.misses,
             lookup_keys: s.lookup_keys,

@@ -517,7 +517,7 @@ async fn checksummed_puts_are_verified() {
 #[test]
 fn a_second_agent_on_the_same_socket_is_refused() {
     let first = TestAgent::start(&[]);
-    let out = Command::new(AGENT)
+    let out = common::no_default_tier(&mut Command::new(AGENT))
         .args([
             "serve",
             "--socket",

@@ -92,6 +92,7 @@ fn start_sealed_agent(umask: u32) -> TestAgent {
     let socket = dir.path().join("run/agent.sock");
     let exe = runnable_by_anyone(Path::new(AGENT), dir.path());
     let mut cmd = Command::new(exe);
+    common::no_default_tier(&mut cmd);
     cmd.args(["serve", "--socket"])
         .arg(&socket)
         .args([

@@ -11,7 +11,7 @@
 use std::{hint::black_box, time::Duration};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use nencache_engine::{Engine, EngineConfig, PutItem, traces::Rng};
+use nencache_engine::{Engine, EngineConfig, HostConfig, Limits, PutItem, traces::Rng};
 
 const PAGES: u64 = 4096;
 
@@ -27,9 +27,15 @@ fn item(key: &[u8]) -> PutItem<'_> {
 
 fn full_engine() -> (Engine, u64) {
     let e = Engine::new(EngineConfig {
-        capacity: PAGES * 4096,
-        staging: 1 << 20,
-        max_value: 1 << 20,
+        limits: Limits {
+            max_value: 1 << 20,
+            ..Limits::default()
+        },
+        host: HostConfig {
+            capacity: PAGES * 4096,
+            staging: 1 << 20,
+            ..HostConfig::default()
+        },
         ..EngineConfig::default()
     })
     .expect("engine");

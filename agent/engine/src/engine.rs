@@ -28,194 +28,34 @@
 //! leaving the cache as it was.
 
 use std::{
-    collections::hash_map::RandomState,
+    collections::{HashSet, hash_map::RandomState},
     hash::BuildHasher,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
+mod host;
+mod lower;
+mod sessions;
+
+use host::{Entry, EntryState, NO_ENTRY, pages_for};
+use sessions::{LeaseRec, Reservation, Session};
+
+pub use crate::config::{
+    Admission, DemotionConfig, EngineConfig, EvictionPolicy, HostConfig, Limits, MAX_METADATA_LEN,
+    Tier, TierConfig,
+};
 use crate::{
     alloc::{Extent, ExtentAllocator},
     error::{EngineError, Result},
     index::RobinHoodIndex,
     key::{checksum, key_hash, validate_key},
-    policy::{Candidate, Policy},
+    policy::Policy,
     shm::SharedRegion,
     slab::{self, NIL, Slab},
 };
-
-/// Largest metadata blob stored beside a value.
-pub const MAX_METADATA_LEN: usize = 4096;
-
-/// Which eviction policy the host tier uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum EvictionPolicy {
-    /// S3-FIFO: small and main FIFO queues with a ghost set (the default).
-    #[default]
-    S3Fifo,
-    /// Least recently used.
-    Lru,
-}
-
-impl std::str::FromStr for EvictionPolicy {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.to_ascii_lowercase().replace(['-', '_'], "").as_str() {
-            "s3fifo" => Ok(Self::S3Fifo),
-            "lru" => Ok(Self::Lru),
-            _ => Err(format!(
-                "unknown eviction policy {s:?} (expected s3fifo or lru)"
-            )),
-        }
-    }
-}
-
-/// The storage tier a value lives in. Only the host tier exists so far.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tier {
-    /// T1: host shared memory.
-    Host,
-}
-
-/// Host-tier configuration.
-#[derive(Debug, Clone)]
-pub struct EngineConfig {
-    /// Arena size in bytes (committed values).
-    pub capacity: u64,
-    /// Staging area size in bytes (puts in flight).
-    pub staging: u64,
-    /// Allocation granule in bytes; a power of two of at least 4096.
-    pub page_size: u32,
-    /// Largest value accepted.
-    pub max_value: u64,
-    /// Most items in one batched call.
-    pub max_batch: usize,
-    /// Most leases held at once, over all sessions.
-    pub max_leases: u32,
-    /// Most leases one session may hold.
-    pub max_leases_per_session: u32,
-    /// Most reservations in flight at once.
-    pub max_reservations: u32,
-    /// Most reservations one session may hold at once.
-    pub max_reservations_per_session: u32,
-    /// Most staging bytes one session's reservations may hold at once; `None` takes a
-    /// quarter of the staging area, or `max_value` if that is more (see
-    /// [`EngineConfig::staging_per_session`]).
-    pub max_staging_per_session: Option<u64>,
-    /// Most sessions at once.
-    pub max_sessions: u32,
-    /// A reservation not committed within this time is aborted and its space reclaimed.
-    pub reservation_timeout: Duration,
-    /// TTL for entries put without one; `None` keeps them until evicted.
-    pub default_ttl: Option<Duration>,
-    /// Eviction policy.
-    pub policy: EvictionPolicy,
-    /// S3-FIFO: share of the arena, in percent, given to the small (probationary) queue.
-    pub small_queue_percent: u8,
-    /// Lock the arena and staging area into RAM (needs `CAP_IPC_LOCK` beyond small sizes).
-    pub lock_memory: bool,
-}
-
-impl Default for EngineConfig {
-    fn default() -> Self {
-        Self {
-            capacity: 1 << 30,
-            staging: 256 << 20,
-            page_size: 4096,
-            max_value: 64 << 20,
-            max_batch: 1024,
-            max_leases: 65536,
-            max_leases_per_session: 16384,
-            max_reservations: 65536,
-            max_reservations_per_session: 1024,
-            max_staging_per_session: None,
-            max_sessions: 1024,
-            reservation_timeout: Duration::from_secs(30),
-            default_ttl: None,
-            policy: EvictionPolicy::S3Fifo,
-            // Chosen by measurement: docs/benchmarks.md, "Eviction policy".
-            small_queue_percent: 30,
-            lock_memory: false,
-        }
-    }
-}
-
-impl EngineConfig {
-    /// The staging bytes one session may hold: `max_staging_per_session`, or by default a
-    /// quarter of the staging area but at least `max_value`, so one value always fits.
-    #[must_use]
-    pub fn staging_per_session(&self) -> u64 {
-        self.max_staging_per_session
-            .unwrap_or_else(|| (self.staging / 4).max(self.max_value))
-    }
-
-    /// Checks the configuration for consistency.
-    ///
-    /// # Errors
-    /// [`EngineError::Config`] naming the first problem found.
-    pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(EngineError::Config(m));
-        if !self.page_size.is_power_of_two() || self.page_size < 4096 {
-            return bad(format!(
-                "page size {} is not a power of two >= 4096",
-                self.page_size
-            ));
-        }
-        let ps = u64::from(self.page_size);
-        if self.capacity < 16 * ps || self.capacity / ps >= u64::from(u32::MAX) {
-            return bad(format!("host capacity {} is out of range", self.capacity));
-        }
-        if self.staging < ps || self.staging / ps >= u64::from(u32::MAX) {
-            return bad(format!("staging size {} is out of range", self.staging));
-        }
-        if self.max_value == 0 || self.max_value > self.staging || self.max_value > self.capacity {
-            return bad(format!(
-                "max value {} must be positive and fit both the arena ({}) and staging ({})",
-                self.max_value, self.capacity, self.staging
-            ));
-        }
-        if let Some(v) = self.max_staging_per_session
-            && (v < self.max_value || v > self.staging)
-        {
-            return bad(format!(
-                "max staging per session {v} must be at least the max value ({}) and at most \
-                 the staging area ({})",
-                self.max_value, self.staging
-            ));
-        }
-        // An entry slot per arena page, and one per item of the reserve call in progress.
-        if self.capacity / ps + self.max_batch as u64 >= u64::from(u32::MAX) {
-            return bad(format!("max_batch {} is out of range", self.max_batch));
-        }
-        if !(1..=90).contains(&self.small_queue_percent) {
-            return bad(format!(
-                "small queue share {}% is outside 1..=90",
-                self.small_queue_percent
-            ));
-        }
-        for (name, v) in [
-            ("max_batch", self.max_batch as u64),
-            ("max_leases", u64::from(self.max_leases)),
-            (
-                "max_leases_per_session",
-                u64::from(self.max_leases_per_session),
-            ),
-            ("max_reservations", u64::from(self.max_reservations)),
-            (
-                "max_reservations_per_session",
-                u64::from(self.max_reservations_per_session),
-            ),
-            ("max_sessions", u64::from(self.max_sessions)),
-        ] {
-            if v == 0 {
-                return bad(format!("{name} must be positive"));
-            }
-        }
-        Ok(())
-    }
-}
+pub use lower::{Get, LowerTier, PendingGet, TierStats};
 
 /// Identifies a client session: the low 32 bits index a table, the high 32 bits are random.
 pub type SessionId = u64;
@@ -329,74 +169,12 @@ pub struct Stats {
     pub reservations: u64,
     /// Sessions open now.
     pub sessions: u64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum EntryState {
-    Free,
-    Reserved,
-    Live,
-    /// Removed from the index while leased; freed when the last lease goes.
-    Doomed,
-    /// Evicted by the reserve call in progress: out of the index, its extent back in the
-    /// allocator, but its bytes and slot kept until the call succeeds (then it is freed) or
-    /// is refused (then it is restored).
-    Evicted,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Entry {
-    hash: u128,
-    extent: Extent,
-    value_len: u64,
-    /// Live: milliseconds since the engine's epoch from which it is expired (`u64::MAX`:
-    /// never). Reserved: its TTL in milliseconds (`u64::MAX`: none), applied at publish.
-    expires: u64,
-    key_len: u16,
-    meta_len: u16,
-    state: EntryState,
-    leases: u32,
-    /// Free: the next free entry. Reserved or Evicted within a reserve call: the next entry
-    /// down the call's undo stack.
-    link: u32,
-    /// Evicted: first page of the free extent its pages joined, to take them back.
-    run: u32,
-}
-
-const NO_ENTRY: u32 = u32::MAX;
-
-#[derive(Debug)]
-struct Reservation {
-    entry: u32,
-    staging: Extent,
-    session: SessionId,
-    deadline: u64,
-    committing: bool,
-    /// The session's reservations (slab slots).
-    s_prev: u32,
-    s_next: u32,
-    /// Every reservation, oldest first: deadline order.
-    f_prev: u32,
-    f_next: u32,
-}
-
-#[derive(Debug)]
-struct LeaseRec {
-    entry: u32,
-    session: SessionId,
-    /// The session's leases (slab slots).
-    prev: u32,
-    next: u32,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Session {
-    nonce: u32,
-    leases: u32,
-    reservations: u32,
-    staging_pages: u64,
-    lease_head: u32,
-    res_head: u32,
+    /// Values read from a lower tier into host memory by a get.
+    pub promotions: u64,
+    /// Entries written to a lower tier ahead of eviction or at shutdown.
+    pub demotions: u64,
+    /// Entries evicted from host memory that no lower tier held (with lower tiers only).
+    pub evictions_unsaved: u64,
 }
 
 struct State {
@@ -431,14 +209,26 @@ struct State {
     stats: Stats,
     random: RandomState,
     session_counter: u64,
+    /// Whether lower tiers exist (an eviction of an entry none holds is then counted).
+    has_lower: bool,
+    /// Hashes of entries deleted or replaced while being demoted: their copy in a lower
+    /// tier is stale until the demotion finishes and removes it.
+    demoting_doomed: HashSet<u128>,
 }
 
-/// The host tier: arena, staging area and their bookkeeping. Shared by all sessions.
+/// The cache: the host tier (arena, staging area, their bookkeeping), the session tables,
+/// and the lower tiers. Shared by all sessions.
 pub struct Engine {
     arena: SharedRegion,
     staging: SharedRegion,
     page: u64,
     epoch: Instant,
+    /// Unix time in milliseconds at `epoch` (lower tiers store Unix expiry times).
+    unix_epoch_ms: u64,
+    /// Lower tiers, fastest first; chosen once from configuration.
+    lower: Vec<lower::Lower>,
+    /// Wakes the demoter.
+    demote_wake: (Mutex<bool>, Condvar),
     /// The configuration, also readable without the lock.
     cfg: EngineConfig,
     state: Mutex<State>,
@@ -459,22 +249,22 @@ impl Engine {
     /// An invalid configuration, or shared memory that cannot be created.
     pub fn new(cfg: EngineConfig) -> Result<Self> {
         cfg.validate()?;
-        let page = u64::from(cfg.page_size);
-        let arena_pages = (cfg.capacity / page) as u32;
-        let staging_pages = (cfg.staging / page) as u32;
+        let page = u64::from(cfg.host.page_size);
+        let arena_pages = (cfg.host.capacity / page) as u32;
+        let staging_pages = (cfg.host.staging / page) as u32;
         let arena = SharedRegion::create_read_only(
             "nencache-arena",
             (u64::from(arena_pages) * page) as usize,
-            cfg.lock_memory,
+            cfg.host.lock_memory,
         )?;
         let staging = SharedRegion::create(
             "nencache-staging",
             (u64::from(staging_pages) * page) as usize,
-            cfg.lock_memory,
+            cfg.host.lock_memory,
         )?;
         // One entry per arena page (each entry holds at least one), and one per item of the
         // reserve call in progress, whose victims keep their entries until it ends.
-        let slots = arena_pages + cfg.max_batch as u32;
+        let slots = arena_pages + cfg.limits.max_batch as u32;
         let entries = (0..slots)
             .map(|i| Entry {
                 hash: 0,
@@ -487,10 +277,12 @@ impl Engine {
                 leases: 0,
                 link: if i + 1 < slots { i + 1 } else { NO_ENTRY },
                 run: 0,
+                lower: 0,
+                demoting: false,
             })
             .collect();
         let random = RandomState::new();
-        let state = State {
+        let mut state = State {
             page,
             seed: random.hash_one("nencache index seed"),
             arena: ExtentAllocator::new(arena_pages),
@@ -504,18 +296,18 @@ impl Engine {
             undo: NO_ENTRY,
             undo_len: 0,
             policy: Policy::new(
-                cfg.policy,
+                cfg.host.policy,
                 slots,
                 arena_pages,
                 u64::from(arena_pages) * page,
-                cfg.small_queue_percent,
+                cfg.host.small_queue_percent,
             ),
-            reservations: Slab::with_capacity(cfg.max_reservations),
+            reservations: Slab::with_capacity(cfg.limits.max_reservations),
             oldest_res: NIL,
             newest_res: NIL,
-            leases: Slab::with_capacity(cfg.max_leases),
-            sessions: vec![None; cfg.max_sessions as usize],
-            free_sessions: (0..cfg.max_sessions).rev().collect(),
+            leases: Slab::with_capacity(cfg.limits.max_leases),
+            sessions: vec![None; cfg.limits.max_sessions as usize],
+            free_sessions: (0..cfg.limits.max_sessions).rev().collect(),
             staging_quota_pages: cfg.staging_per_session().div_ceil(page),
             stats: Stats {
                 capacity_bytes: arena.len() as u64,
@@ -524,13 +316,24 @@ impl Engine {
             },
             random,
             session_counter: 0,
+            has_lower: false,
+            demoting_doomed: HashSet::new(),
             cfg: cfg.clone(),
         };
+        let lower = lower::open_tiers(&cfg)?;
+        state.has_lower = !lower.is_empty();
+        let epoch = Instant::now();
+        let unix_epoch_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         Ok(Self {
             arena,
             staging,
             page,
-            epoch: Instant::now(),
+            epoch,
+            unix_epoch_ms,
+            lower,
+            demote_wake: (Mutex::new(false), Condvar::new()),
             cfg,
             state: Mutex::new(state),
         })
@@ -559,10 +362,10 @@ impl Engine {
     }
 
     fn check_batch(&self, len: usize) -> Result<()> {
-        if len > self.cfg.max_batch {
+        if len > self.cfg.limits.max_batch {
             return Err(EngineError::BatchTooLarge {
                 len,
-                max: self.cfg.max_batch,
+                max: self.cfg.limits.max_batch,
             });
         }
         Ok(())
@@ -674,19 +477,22 @@ impl Engine {
         self.check_keys(keys)?;
         let now = self.now();
         let mut st = self.state.lock();
-        let mut prefix = 0;
+        let mut tiers = Vec::with_capacity(keys.len());
         for k in keys {
-            if st.find_live(&self.arena, k, now).is_none() {
-                break;
-            }
-            prefix += 1;
+            let tier = if st.find_live(&self.arena, k, now).is_some() {
+                Tier::Host
+            } else {
+                match self.locate_lower(&st, key_hash(k, st.seed)) {
+                    Some((i, loc)) if loc.key_len as usize == k.len() => self.lower[i].tier,
+                    _ => break,
+                }
+            };
+            tiers.push(tier);
         }
+        let prefix = tiers.len();
         st.stats.lookup_keys += keys.len() as u64;
         st.stats.lookup_hits += prefix as u64;
-        Ok(Lookup {
-            prefix,
-            tiers: vec![Tier::Host; prefix],
-        })
+        Ok(Lookup { prefix, tiers })
     }
 
     /// Reserves space for a batch of puts, all or nothing: a refused batch reserves nothing
@@ -700,10 +506,10 @@ impl Engine {
         self.check_batch(items.len())?;
         for it in items {
             validate_key(it.key)?;
-            if it.value_len > self.cfg.max_value {
+            if it.value_len > self.cfg.limits.max_value {
                 return Err(EngineError::ValueTooLarge {
                     len: it.value_len,
-                    max: self.cfg.max_value,
+                    max: self.cfg.limits.max_value,
                 });
             }
             if it.metadata.len() > MAX_METADATA_LEN {
@@ -718,7 +524,10 @@ impl Engine {
         st.session(session)?;
         let mut out = Vec::with_capacity(items.len());
         for it in items {
-            if !it.overwrite && st.find_live(&self.arena, it.key, now).is_some() {
+            if !it.overwrite
+                && (st.find_live(&self.arena, it.key, now).is_some()
+                    || self.locate_lower(&st, key_hash(it.key, st.seed)).is_some())
+            {
                 out.push(Reserved::Exists);
                 continue;
             }
@@ -826,12 +635,25 @@ impl Engine {
         let mut out = Vec::with_capacity(plan.len());
         for (&(id, ..), good) in plan.iter().zip(ok) {
             if good {
-                st.publish(id, now);
+                if let Some(hash) = st.publish(id, now)
+                    && !self.lower.is_empty()
+                {
+                    // An older copy in a lower tier must not come back.
+                    self.remove_lower(hash);
+                }
                 out.push(Committed::Done);
             } else {
                 st.abort_one(id);
                 st.stats.checksum_failures += 1;
                 out.push(Committed::ChecksumMismatch);
+            }
+        }
+        if !self.lower.is_empty() {
+            let target =
+                u64::from(st.arena.pages()) * u64::from(self.cfg.demotion.clean_percent) / 100;
+            if u64::from(st.arena.free_pages()) < target {
+                drop(st);
+                self.wake_demoter();
             }
         }
         Ok(out)
@@ -859,53 +681,6 @@ impl Engine {
         }
         st.stats.aborts += ids.len() as u64;
         Ok(())
-    }
-
-    /// Looks up each key and leases the ones found. A leased value is neither evicted nor
-    /// overwritten in place until released.
-    ///
-    /// # Errors
-    /// An unknown session, an invalid key, an oversized batch, or a full lease table (then
-    /// no lease of this call is kept).
-    pub fn get(&self, session: SessionId, keys: &[&[u8]]) -> Result<Vec<Option<Lease>>> {
-        self.check_keys(keys)?;
-        let now = self.now();
-        let mut st = self.state.lock();
-        st.session(session)?;
-        let mut out: Vec<Option<Lease>> = Vec::with_capacity(keys.len());
-        for k in keys {
-            let Some(e) = st.find_live(&self.arena, k, now) else {
-                st.stats.misses += 1;
-                out.push(None);
-                continue;
-            };
-            match st.lease(session, e) {
-                Ok(id) => {
-                    st.stats.hits += 1;
-                    st.policy.touch(e);
-                    let ent = st.entries[e as usize];
-                    let off = u64::from(ent.extent.start) * self.page;
-                    let meta_off = (off + ent.value_len) as usize + usize::from(ent.key_len);
-                    // SAFETY: the entry is live and now leased: its extent is not rewritten.
-                    let meta = unsafe { self.arena.slice(meta_off, usize::from(ent.meta_len)) };
-                    out.push(Some(Lease {
-                        id,
-                        offset: off,
-                        len: ent.value_len,
-                        metadata: meta.to_vec(),
-                        tier: Tier::Host,
-                    }));
-                }
-                Err(err) => {
-                    for l in out.into_iter().flatten() {
-                        st.release_one(l.id);
-                    }
-                    st.stats.no_space += 1;
-                    return Err(err);
-                }
-            }
-        }
-        Ok(out)
     }
 
     /// Releases leases, all or nothing. The list is checked (length, duplicates) before the
@@ -941,14 +716,37 @@ impl Engine {
         let mut st = self.state.lock();
         let mut n = 0;
         for k in keys {
+            let mut found = false;
             if let Some(e) = st.find_live(&self.arena, k, now) {
                 st.policy.remove(e);
                 st.unpublish(e);
+                found = true;
+            }
+            if !self.lower.is_empty() {
+                found |= self.remove_lower(key_hash(k, st.seed));
+            }
+            if found {
                 st.stats.deletes += 1;
                 n += 1;
             }
         }
         Ok(n)
+    }
+
+    /// The lease record handed out for entry `e` under lease `id`.
+    fn lease_of(&self, st: &State, e: u32, id: u64) -> Lease {
+        let ent = st.entries[e as usize];
+        let off = u64::from(ent.extent.start) * self.page;
+        let meta_off = (off + ent.value_len) as usize + usize::from(ent.key_len);
+        // SAFETY: the entry is live and leased: its extent is not rewritten.
+        let meta = unsafe { self.arena.slice(meta_off, usize::from(ent.meta_len)) };
+        Lease {
+            id,
+            offset: off,
+            len: ent.value_len,
+            metadata: meta.to_vec(),
+            tier: Tier::Host,
+        }
     }
 
     /// Current counters.
@@ -1022,577 +820,6 @@ fn check_unique(ids: &[u64]) -> Result<()> {
     }
 }
 
-/// Pages that `bytes` take, at least one (`page` is a power of two: a shift, not a division).
-fn pages_for(bytes: u64, page: u64) -> u32 {
-    ((bytes + page - 1) >> page.trailing_zeros()).max(1) as u32
-}
-
-/// When choosing a placement window, a page of an entry counts `1 + HOT_WEIGHT * heat` (heat:
-/// its read count, plus one in S3-FIFO's main queue), so windows of cold entries win unless
-/// they evict several times the bytes. Chosen on the policy benchmark's mixed-size trace
-/// (with leases held 0 to 16 requests): hit ratios 0.465 (bytes only, heat as a tie-break),
-/// 0.513 (1), 0.532 (4), 0.535 (8) for S3-FIFO; every choice evicts the same bytes per
-/// admitted byte.
-const HOT_WEIGHT: u64 = 4;
-
-const NO_ROOM: EngineError = EngineError::NoSpace {
-    what: "host arena (the rest is leased or reserved)",
-};
-const NO_WINDOW: EngineError = EngineError::NoSpace {
-    what: "host arena (leased or reserved entries leave no run of pages long enough)",
-};
-
-impl State {
-    /// The open session `session`.
-    fn session(&self, session: SessionId) -> Result<Session> {
-        // Errors are built only on failure: an unused one would still be dropped.
-        match self.open_index(session) {
-            Some(i) => Ok(self.sessions[i].expect("open")),
-            None => Err(EngineError::UnknownSession(session)),
-        }
-    }
-
-    /// The table index of `session` if it is open (its nonce matches).
-    fn open_index(&self, session: SessionId) -> Option<usize> {
-        let idx = slab::index(session) as usize;
-        match self.sessions.get(idx) {
-            Some(Some(s)) if u64::from(s.nonce) == session >> 32 => Some(idx),
-            _ => None,
-        }
-    }
-
-    /// The live entry for `key`, comparing the full key. An expired entry is dropped.
-    fn find_live(&mut self, arena: &SharedRegion, key: &[u8], now: u64) -> Option<u32> {
-        let h = key_hash(key, self.seed);
-        let e = self.index.get(h)?;
-        let ent = self.entries[e as usize];
-        let off = (u64::from(ent.extent.start) * self.page + ent.value_len) as usize;
-        // SAFETY: the key bytes of an indexed entry were written at reserve and are never
-        // rewritten while it is indexed; only this process maps the arena writable.
-        let stored = unsafe { arena.slice(off, usize::from(ent.key_len)) };
-        if stored != key {
-            // A 128-bit hash collision: a miss, never another key's value.
-            return None;
-        }
-        if ent.expires <= now {
-            self.policy.remove(e);
-            self.unpublish(e);
-            self.stats.expirations += 1;
-            return None;
-        }
-        Some(e)
-    }
-
-    fn reserve_one(&mut self, session: SessionId, it: &PutItem<'_>, now: u64) -> Result<Reserved> {
-        let page = self.page;
-        let total = it.value_len + it.key.len() as u64 + it.metadata.len() as u64;
-        let staging_pages = pages_for(it.value_len, page);
-        let sidx = slab::index(session) as usize;
-        let s = self.sessions[sidx].expect("checked by the caller");
-        if s.reservations >= self.cfg.max_reservations_per_session {
-            return Err(EngineError::NoSpace {
-                what: "reservations of this session",
-            });
-        }
-        if s.staging_pages + u64::from(staging_pages) > self.staging_quota_pages {
-            return Err(EngineError::NoSpace {
-                what: "staging space of this session",
-            });
-        }
-        if self.reservations.is_full() {
-            return Err(EngineError::NoSpace {
-                what: "reservation table",
-            });
-        }
-        let Some(staging) = self.staging.alloc(staging_pages) else {
-            return Err(EngineError::NoSpace {
-                what: "staging area (too many puts in flight)",
-            });
-        };
-        let extent = match self.make_room(pages_for(total, page), now) {
-            Ok(x) => x,
-            Err(e) => {
-                self.staging.free(staging);
-                return Err(e);
-            }
-        };
-        let e = self.free_entry;
-        assert_ne!(e, NO_ENTRY, "an entry per arena page and per batch item");
-        let ttl = it
-            .ttl
-            .or(self.cfg.default_ttl)
-            .map_or(u64::MAX, |d| d.as_millis() as u64);
-        let ent = &mut self.entries[e as usize];
-        self.free_entry = ent.link;
-        *ent = Entry {
-            hash: key_hash(it.key, self.seed),
-            extent,
-            value_len: it.value_len,
-            expires: ttl,
-            key_len: it.key.len() as u16,
-            meta_len: it.metadata.len() as u16,
-            state: EntryState::Reserved,
-            leases: 0,
-            link: NO_ENTRY,
-            run: 0,
-        };
-        self.owner[extent.start as usize] = e;
-        self.push_undo(e);
-        let mut deadline = now + self.cfg.reservation_timeout.as_millis() as u64;
-        if self.newest_res != NIL {
-            // Creation order stays deadline order, which the reaper relies on.
-            deadline = deadline.max(self.reservations.at(self.newest_res).deadline);
-        }
-        let id = self
-            .reservations
-            .insert(Reservation {
-                entry: e,
-                staging,
-                session,
-                deadline,
-                committing: false,
-                s_prev: NIL,
-                s_next: s.res_head,
-                f_prev: self.newest_res,
-                f_next: NIL,
-            })
-            .expect("checked not full");
-        let r = slab::index(id);
-        if s.res_head != NIL {
-            self.reservations.at_mut(s.res_head).s_prev = r;
-        }
-        if self.newest_res == NIL {
-            self.oldest_res = r;
-        } else {
-            self.reservations.at_mut(self.newest_res).f_next = r;
-        }
-        self.newest_res = r;
-        let s = self.sessions[sidx].as_mut().expect("open");
-        s.res_head = r;
-        s.reservations += 1;
-        s.staging_pages += u64::from(staging_pages);
-        Ok(Reserved::Space {
-            id,
-            staging_offset: u64::from(staging.start) * page,
-        })
-    }
-
-    /// Allocates `pages`, evicting as needed (see the module docs for the order). Victims go
-    /// on the undo stack; a refusal leaves none of this call's.
-    fn make_room(&mut self, pages: u32, now: u64) -> Result<Extent> {
-        if let Some(x) = self.arena.alloc(pages) {
-            return Ok(x);
-        }
-        if u64::from(self.arena.free_pages()) + self.evictable_pages < u64::from(pages) {
-            return Err(NO_ROOM);
-        }
-        // Policy order, about the requested size.
-        let mark = self.undo_len;
-        let mut freed = 0u64;
-        while freed < u64::from(pages) {
-            let entries = &self.entries;
-            let Some(v) = self.policy.victim(|e| {
-                let ent = &entries[e as usize];
-                if ent.leases > 0 {
-                    Candidate::Pinned
-                } else if ent.expires <= now {
-                    Candidate::Expired
-                } else {
-                    Candidate::Evictable
-                }
-            }) else {
-                break;
-            };
-            freed += u64::from(self.entries[v as usize].extent.pages);
-            self.evict(v);
-            if let Some(x) = self.arena.alloc(pages) {
-                return Ok(x);
-            }
-        }
-        // The freed pages do not make a long enough run: take them back and evict the
-        // cheapest window instead.
-        while self.undo_len > mark {
-            let v = self.pop_undo();
-            self.restore(v);
-        }
-        let Some((first, end)) = self.cheapest_window(pages, now) else {
-            return Err(NO_WINDOW);
-        };
-        self.window_cursor = end;
-        let mut p = first;
-        while p < end {
-            let (free, len) = self.arena.extent_at(p).expect("an extent starts here");
-            if free {
-                p += len;
-                continue;
-            }
-            // Find the next entry before freeing this one merges the free runs between.
-            let mut next = p + len;
-            while next < end {
-                match self.arena.extent_at(next) {
-                    Some((true, l)) => next += l,
-                    _ => break,
-                }
-            }
-            let e = self.owner[p as usize];
-            self.policy.take(e);
-            self.evict(e);
-            p = next;
-        }
-        match self.arena.alloc(pages) {
-            Some(x) => Ok(x),
-            None => Err(NO_WINDOW),
-        }
-    }
-
-    /// Cost of the extent that starts at `p` for a placement window: its length, and `None`
-    /// when it cannot be evicted (leased, reserved, doomed), else the pages evicting it costs
-    /// weighted by the entry's heat, and the pages themselves (both none for a free extent or
-    /// an expired entry).
-    fn extent_cost(&self, p: u32, now: u64) -> (u32, Option<(u64, u64)>) {
-        let (free, len) = self.arena.extent_at(p).expect("an extent starts here");
-        if free {
-            return (len, Some((0, 0)));
-        }
-        let e = self.owner[p as usize];
-        let ent = &self.entries[e as usize];
-        if ent.state != EntryState::Live || ent.leases > 0 {
-            return (len, None);
-        }
-        if ent.expires <= now {
-            return (len, Some((0, 0)));
-        }
-        let n = u64::from(len);
-        (len, Some((n * (1 + HOT_WEIGHT * self.policy.heat(e)), n)))
-    }
-
-    /// The window `[first, end)` of consecutive free extents and evictable entries, at least
-    /// `pages` long, whose evicted pages weighted by heat cost least (then the fewest pages),
-    /// or `None` if leased and reserved entries leave no run that long. A walk over the
-    /// arena's extents in address order, with a window that shrinks from the left while it
-    /// stays long enough, so every candidate evicts less than `pages` plus its first extent.
-    ///
-    /// The walk starts where the last window ended and stops at the first window whose
-    /// weighted cost is at most `pages` (cold entries, or free pages and a little heat: no
-    /// window of a full arena costs less than its unread pages), so that in an arena of
-    /// unread entries a search costs about the window's own extents rather than the whole
-    /// arena; otherwise it goes on, wrapping once, and takes the cheapest. Windows found
-    /// this way sweep the arena like a clock hand.
-    fn cheapest_window(&self, pages: u32, now: u64) -> Option<(u32, u32)> {
-        let n = self.arena.pages();
-        let start = match self.arena.extent_at(self.window_cursor) {
-            Some(_) if self.window_cursor < n => self.window_cursor,
-            _ => 0,
-        };
-        let mut best = None;
-        for from in [start, 0] {
-            let (found, cold) = self.window_from(from, pages, now, &mut best);
-            if cold {
-                return found;
-            }
-            if from == 0 {
-                break;
-            }
-        }
-        best.map(|(_, first, end)| (first, end))
-    }
-
-    /// One pass of [`State::cheapest_window`] from extent `from` to the arena's end, keeping
-    /// the cheapest window in `best`. Returns the first window cheap enough to take at once,
-    /// and whether there was one.
-    #[allow(clippy::type_complexity)]
-    fn window_from(
-        &self,
-        from: u32,
-        pages: u32,
-        now: u64,
-        best: &mut Option<((u64, u64), u32, u32)>,
-    ) -> (Option<(u32, u32)>, bool) {
-        let need = u64::from(pages);
-        let n = self.arena.pages();
-        let (mut lo, mut total, mut cost) = (from, 0u64, (0u64, 0u64));
-        let mut p = from;
-        while p < n {
-            let (len, c) = self.extent_cost(p, now);
-            let end = p + len;
-            p = end;
-            let Some(c) = c else {
-                (lo, total, cost) = (end, 0, (0, 0));
-                continue;
-            };
-            total += u64::from(len);
-            cost = (cost.0 + c.0, cost.1 + c.1);
-            loop {
-                let (l0, c0) = self.extent_cost(lo, now);
-                if total - u64::from(l0) < need {
-                    break;
-                }
-                let c0 = c0.expect("inside the window");
-                total -= u64::from(l0);
-                cost = (cost.0 - c0.0, cost.1 - c0.1);
-                lo += l0;
-            }
-            if total >= need {
-                if cost.0 <= need {
-                    return (Some((lo, end)), true);
-                }
-                if best.is_none_or(|(b, ..)| cost < b) {
-                    *best = Some((cost, lo, end));
-                }
-            }
-        }
-        (None, false)
-    }
-
-    /// Evicts a live, unleased entry that the policy has unlinked (`Policy::victim` or
-    /// `Policy::take`), recoverably: see [`EntryState::Evicted`].
-    fn evict(&mut self, v: u32) {
-        let ent = &mut self.entries[v as usize];
-        debug_assert!(ent.state == EntryState::Live && ent.leases == 0);
-        ent.state = EntryState::Evicted;
-        let (hash, extent) = (ent.hash, ent.extent);
-        if self.index.get(hash) == Some(v) {
-            self.index.remove(hash);
-        }
-        self.evictable_pages -= u64::from(extent.pages);
-        self.entries[v as usize].run = self.arena.free(extent).start;
-        self.push_undo(v);
-    }
-
-    /// Undoes [`State::evict`]; called in the reverse order of the evictions (and of the
-    /// reserve call's allocations), so the victim's pages are free and in one extent.
-    fn restore(&mut self, v: u32) {
-        let ent = self.entries[v as usize];
-        debug_assert_eq!(ent.state, EntryState::Evicted);
-        self.arena.alloc_at(ent.run, ent.extent);
-        self.owner[ent.extent.start as usize] = v;
-        let displaced = self.index.insert(ent.hash, v);
-        debug_assert!(displaced.is_none());
-        self.entries[v as usize].state = EntryState::Live;
-        self.evictable_pages += u64::from(ent.extent.pages);
-        self.policy.restore(v);
-    }
-
-    fn push_undo(&mut self, e: u32) {
-        self.entries[e as usize].link = self.undo;
-        self.undo = e;
-        self.undo_len += 1;
-    }
-
-    fn pop_undo(&mut self) -> u32 {
-        let e = self.undo;
-        debug_assert_ne!(e, NO_ENTRY);
-        self.undo = self.entries[e as usize].link;
-        self.entries[e as usize].link = NO_ENTRY;
-        self.undo_len -= 1;
-        e
-    }
-
-    /// A reserve call was refused: undoes its reservations (`out`, in order) and evictions,
-    /// newest first, so the allocator, index and queues are as before the call.
-    fn undo_reserve(&mut self, out: &[Reserved]) {
-        let mut ids = out.iter().rev().filter_map(|r| match *r {
-            Reserved::Space { id, .. } => Some(id),
-            Reserved::Exists => None,
-        });
-        while self.undo != NO_ENTRY {
-            let e = self.pop_undo();
-            match self.entries[e as usize].state {
-                EntryState::Evicted => self.restore(e),
-                EntryState::Reserved => {
-                    let id = ids.next().expect("a reservation per reserved entry");
-                    debug_assert_eq!(self.reservations.get(id).map(|r| r.entry), Some(e));
-                    self.abort_one(id);
-                }
-                s => unreachable!("entry {e} in state {s:?} on the undo stack"),
-            }
-        }
-    }
-
-    /// A reserve call succeeded: its victims leave for good.
-    fn finish_reserve(&mut self, now: u64) {
-        while self.undo != NO_ENTRY {
-            let e = self.pop_undo();
-            let ent = self.entries[e as usize];
-            if ent.state == EntryState::Evicted {
-                let expired = ent.expires <= now;
-                if expired {
-                    self.stats.expirations += 1;
-                } else {
-                    self.stats.evictions += 1;
-                }
-                self.policy.forget(e, ent.hash, expired);
-                self.free_entry_slot(e);
-            }
-        }
-    }
-
-    fn publish(&mut self, id: u64, now: u64) {
-        let Some(r) = self.reservations.remove(id) else {
-            return;
-        };
-        self.unlink_reservation(&r);
-        self.staging.free(r.staging);
-        let e = r.entry;
-        let ent = &mut self.entries[e as usize];
-        ent.state = EntryState::Live;
-        ent.expires = if ent.expires == u64::MAX {
-            u64::MAX
-        } else {
-            now.saturating_add(ent.expires)
-        };
-        let (hash, pages) = (ent.hash, ent.extent.pages);
-        self.evictable_pages += u64::from(pages);
-        if let Some(old) = self.index.insert(hash, e) {
-            // Same key overwritten, or a different key with the same 128-bit hash: either
-            // way the older entry leaves.
-            self.policy.remove(old);
-            self.doom(old);
-        }
-        self.policy.insert(e, hash, u64::from(pages) * self.page);
-        self.stats.commits += 1;
-    }
-
-    /// Takes a live entry out of the index (the caller has unlinked it from the policy).
-    fn unpublish(&mut self, e: u32) {
-        let hash = self.entries[e as usize].hash;
-        if self.index.get(hash) == Some(e) {
-            self.index.remove(hash);
-        }
-        self.doom(e);
-    }
-
-    /// A live entry out of the index: freed now, or when its last lease goes.
-    fn doom(&mut self, e: u32) {
-        let ent = &mut self.entries[e as usize];
-        debug_assert_eq!(ent.state, EntryState::Live);
-        ent.state = EntryState::Doomed;
-        if ent.leases == 0 {
-            self.evictable_pages -= u64::from(ent.extent.pages);
-            self.drop_entry(e);
-        }
-    }
-
-    fn drop_entry(&mut self, e: u32) {
-        self.arena.free(self.entries[e as usize].extent);
-        self.free_entry_slot(e);
-    }
-
-    fn free_entry_slot(&mut self, e: u32) {
-        let ent = &mut self.entries[e as usize];
-        ent.state = EntryState::Free;
-        ent.link = self.free_entry;
-        self.free_entry = e;
-    }
-
-    /// Unlinks a reservation just removed from the slab from the deadline list and, if its
-    /// session is still open, from the session's list and quotas.
-    fn unlink_reservation(&mut self, r: &Reservation) {
-        let res = &mut self.reservations;
-        if r.f_prev == NIL {
-            self.oldest_res = r.f_next;
-        } else {
-            res.at_mut(r.f_prev).f_next = r.f_next;
-        }
-        if r.f_next == NIL {
-            self.newest_res = r.f_prev;
-        } else {
-            res.at_mut(r.f_next).f_prev = r.f_prev;
-        }
-        // A closed session's reservations being committed are no longer in any list.
-        let Some(idx) = self.open_index(r.session) else {
-            return;
-        };
-        let s = self.sessions[idx].as_mut().expect("open");
-        let res = &mut self.reservations;
-        if r.s_prev == NIL {
-            s.res_head = r.s_next;
-        } else {
-            res.at_mut(r.s_prev).s_next = r.s_next;
-        }
-        if r.s_next != NIL {
-            res.at_mut(r.s_next).s_prev = r.s_prev;
-        }
-        s.reservations -= 1;
-        s.staging_pages -= u64::from(r.staging.pages);
-    }
-
-    fn abort_one(&mut self, id: u64) {
-        let Some(r) = self.reservations.remove(id) else {
-            return;
-        };
-        self.unlink_reservation(&r);
-        self.staging.free(r.staging);
-        self.drop_entry(r.entry);
-    }
-
-    fn lease(&mut self, session: SessionId, e: u32) -> Result<u64> {
-        let Some(idx) = self.open_index(session) else {
-            return Err(EngineError::UnknownSession(session));
-        };
-        let s = self.sessions[idx].as_mut().expect("open");
-        if s.leases >= self.cfg.max_leases_per_session {
-            return Err(EngineError::NoSpace {
-                what: "leases of this session",
-            });
-        }
-        let Some(id) = self.leases.insert(LeaseRec {
-            entry: e,
-            session,
-            prev: NIL,
-            next: s.lease_head,
-        }) else {
-            return Err(EngineError::NoSpace {
-                what: "lease table",
-            });
-        };
-        let l = slab::index(id);
-        if s.lease_head != NIL {
-            self.leases.at_mut(s.lease_head).prev = l;
-        }
-        s.lease_head = l;
-        s.leases += 1;
-        let ent = &mut self.entries[e as usize];
-        if ent.leases == 0 {
-            debug_assert_eq!(ent.state, EntryState::Live);
-            self.evictable_pages -= u64::from(ent.extent.pages);
-        }
-        ent.leases += 1;
-        Ok(id)
-    }
-
-    fn release_one(&mut self, id: u64) {
-        let Some(l) = self.leases.remove(id) else {
-            return;
-        };
-        if let Some(idx) = self.open_index(l.session) {
-            let s = self.sessions[idx].as_mut().expect("open");
-            if l.prev == NIL {
-                s.lease_head = l.next;
-            } else {
-                self.leases.at_mut(l.prev).next = l.next;
-            }
-            if l.next != NIL {
-                self.leases.at_mut(l.next).prev = l.prev;
-            }
-            s.leases -= 1;
-        }
-        let e = l.entry;
-        let ent = &mut self.entries[e as usize];
-        ent.leases -= 1;
-        if ent.leases == 0 {
-            match ent.state {
-                EntryState::Live => {
-                    self.evictable_pages += u64::from(ent.extent.pages);
-                    self.policy.unpark(e);
-                }
-                EntryState::Doomed => self.drop_entry(e),
-                _ => {}
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1620,7 +847,7 @@ mod tests {
             let mut evictable = 0u64;
             let mut live = 0usize;
             let mut leases_per_entry = vec![0u32; self.entries.len()];
-            for l in 0..self.cfg.max_leases {
+            for l in 0..self.cfg.limits.max_leases {
                 if self.leases.is_occupied(l) {
                     leases_per_entry[self.leases.at(l).entry as usize] += 1;
                 }
@@ -1640,6 +867,7 @@ mod tests {
                     }
                     EntryState::Doomed => assert!(ent.leases > 0, "doomed entry {e} unleased"),
                     EntryState::Reserved => {}
+                    EntryState::Loading => panic!("entry {e} left loading"),
                 }
                 used += u64::from(ent.extent.pages);
                 assert_eq!(self.owner[ent.extent.start as usize], e as u32);
@@ -1701,13 +929,19 @@ mod tests {
 
     fn small_engine(max_reservations_per_session: u32) -> Engine {
         Engine::new(EngineConfig {
-            capacity: 256 * PAGE,
-            staging: 64 * PAGE,
-            max_value: 8 * PAGE,
-            max_leases: 64,
-            max_reservations: 32,
-            max_reservations_per_session,
-            max_sessions: 8,
+            limits: Limits {
+                max_value: 8 * PAGE,
+                max_leases: 64,
+                max_reservations: 32,
+                max_reservations_per_session,
+                max_sessions: 8,
+                ..Limits::default()
+            },
+            host: HostConfig {
+                capacity: 256 * PAGE,
+                staging: 64 * PAGE,
+                ..HostConfig::default()
+            },
             ..EngineConfig::default()
         })
         .unwrap()
@@ -1803,10 +1037,16 @@ mod tests {
     #[test]
     fn reaper_walks_the_deadline_list() {
         let e = Engine::new(EngineConfig {
-            capacity: 256 * PAGE,
-            staging: 64 * PAGE,
-            max_value: 8 * PAGE,
-            reservation_timeout: Duration::from_millis(20),
+            limits: Limits {
+                max_value: 8 * PAGE,
+                reservation_timeout: Duration::from_millis(20),
+                ..Limits::default()
+            },
+            host: HostConfig {
+                capacity: 256 * PAGE,
+                staging: 64 * PAGE,
+                ..HostConfig::default()
+            },
             ..EngineConfig::default()
         })
         .unwrap();
@@ -1835,15 +1075,21 @@ mod tests {
         use crate::traces::Rng;
         for policy in [EvictionPolicy::S3Fifo, EvictionPolicy::Lru] {
             let e = Engine::new(EngineConfig {
-                capacity: 64 * PAGE,
-                staging: 32 * PAGE,
-                max_value: 6 * PAGE,
-                max_leases: 48,
-                max_leases_per_session: 16,
-                max_reservations: 12,
-                max_reservations_per_session: 5,
-                max_sessions: 4,
-                policy,
+                limits: Limits {
+                    max_value: 6 * PAGE,
+                    max_leases: 48,
+                    max_leases_per_session: 16,
+                    max_reservations: 12,
+                    max_reservations_per_session: 5,
+                    max_sessions: 4,
+                    ..Limits::default()
+                },
+                host: HostConfig {
+                    capacity: 64 * PAGE,
+                    staging: 32 * PAGE,
+                    policy,
+                    ..HostConfig::default()
+                },
                 ..EngineConfig::default()
             })
             .unwrap();

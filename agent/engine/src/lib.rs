@@ -17,6 +17,7 @@
 //! on extents it owns, each call with a `SAFETY:` comment.
 
 pub mod alloc;
+pub mod config;
 pub mod engine;
 pub mod error;
 pub mod index;
@@ -27,8 +28,10 @@ mod slab;
 pub mod traces;
 
 pub use engine::{
-    Committed, Engine, EngineConfig, EvictionPolicy, Lease, Lookup, MAX_METADATA_LEN, PutItem,
-    Reserved, SessionId, Stats, Tier,
+    Admission, Committed, DemotionConfig, Engine, EngineConfig, EvictionPolicy, Get, HostConfig,
+    Lease, Limits, Lookup, LowerTier, MAX_METADATA_LEN, PendingGet, PutItem, Reserved, SessionId,
+    Stats, Tier, TierConfig, TierStats,
 };
 pub use error::{EngineError, Result};
 pub use key::{ChunkKeys, DEFAULT_CHUNK_SIZE, MAX_KEY_LEN, checksum, hex, key_hash, validate_key};
+pub use nencache_store::{IoEngineKind, StoreConfig};

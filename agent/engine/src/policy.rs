@@ -200,6 +200,20 @@ impl Policy {
         matches!(self.queue[e as usize], Queue::Small | Queue::Main)
     }
 
+    /// Queued entries from the cold end, in about the order [`Policy::victim`] would take
+    /// them (the small queue's tail first when it is over its share), without changing
+    /// anything: what demotion writes down ahead of eviction.
+    pub(crate) fn coldest(&self) -> impl Iterator<Item = u32> + '_ {
+        let small_first =
+            self.len[0] > 0 && (self.bytes[0] > self.small_target || self.len[1] == 0);
+        let order = if small_first { [0, 1] } else { [1, 0] };
+        order.into_iter().flat_map(move |q| {
+            std::iter::successors(Some(self.tail[q]).filter(|&e| e != NIL), move |&e| {
+                Some(self.prev[e as usize]).filter(|&p| p != NIL)
+            })
+        })
+    }
+
     /// Picks the next victim in policy order and unlinks it (see [`Policy::take`]), or `None`
     /// when no queued entry is left. Leased entries met on the way are parked.
     pub(crate) fn victim(&mut self, mut classify: impl FnMut(u32) -> Candidate) -> Option<u32> {

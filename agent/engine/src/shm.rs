@@ -173,6 +173,18 @@ impl SharedRegion {
         unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(offset), len) }
     }
 
+    /// A raw pointer to the byte at `offset`, for I/O straight into or out of the region
+    /// (a lower tier's reads and writes).
+    ///
+    /// # Panics
+    /// When `offset + len` is out of bounds.
+    #[must_use]
+    pub fn ptr_at(&self, offset: usize, len: usize) -> *mut u8 {
+        assert!(offset.checked_add(len).is_some_and(|end| end <= self.len));
+        // SAFETY: in bounds (checked above); forming the pointer reads nothing.
+        unsafe { self.map.as_ptr().add(offset).cast_mut() }
+    }
+
     /// Writes `data` at `offset`.
     ///
     /// # Safety

@@ -16,8 +16,8 @@ use std::{
 };
 
 use nencache_engine::{
-    Committed, Engine, EngineConfig, EngineError, EvictionPolicy, Lease, PutItem, Reserved,
-    traces::Rng,
+    Committed, Engine, EngineConfig, EngineError, EvictionPolicy, HostConfig, Lease, Limits,
+    PutItem, Reserved, traces::Rng,
 };
 use proptest::prelude::*;
 
@@ -25,13 +25,19 @@ const PAGE: u64 = 4096;
 
 fn engine(pages: u64) -> Engine {
     Engine::new(EngineConfig {
-        capacity: pages * PAGE,
-        staging: 64 * PAGE,
-        max_value: 16 * PAGE,
-        max_leases: 64,
-        max_leases_per_session: 32,
-        max_reservations: 16,
-        max_sessions: 8,
+        limits: Limits {
+            max_value: 16 * PAGE,
+            max_leases: 64,
+            max_leases_per_session: 32,
+            max_reservations: 16,
+            max_sessions: 8,
+            ..Limits::default()
+        },
+        host: HostConfig {
+            capacity: pages * PAGE,
+            staging: 64 * PAGE,
+            ..HostConfig::default()
+        },
         ..EngineConfig::default()
     })
     .unwrap()
@@ -312,10 +318,16 @@ fn closing_a_session_reclaims_leases_and_reservations() {
 #[test]
 fn stale_reservations_are_reaped() {
     let e = Engine::new(EngineConfig {
-        capacity: 64 * PAGE,
-        staging: 64 * PAGE,
-        max_value: 16 * PAGE,
-        reservation_timeout: Duration::from_millis(30),
+        limits: Limits {
+            max_value: 16 * PAGE,
+            reservation_timeout: Duration::from_millis(30),
+            ..Limits::default()
+        },
+        host: HostConfig {
+            capacity: 64 * PAGE,
+            staging: 64 * PAGE,
+            ..HostConfig::default()
+        },
         ..EngineConfig::default()
     })
     .unwrap();
@@ -427,10 +439,16 @@ fn present(e: &Engine, key: &[u8]) -> bool {
 #[test]
 fn s3fifo_evicts_small_entries_when_main_is_all_leased() {
     let e = Engine::new(EngineConfig {
-        capacity: 20 * PAGE,
-        staging: 16 * PAGE,
-        max_value: 5 * PAGE,
-        policy: EvictionPolicy::S3Fifo,
+        limits: Limits {
+            max_value: 5 * PAGE,
+            ..Limits::default()
+        },
+        host: HostConfig {
+            capacity: 20 * PAGE,
+            staging: 16 * PAGE,
+            policy: EvictionPolicy::S3Fifo,
+            ..HostConfig::default()
+        },
         ..EngineConfig::default()
     })
     .unwrap();
@@ -484,10 +502,16 @@ fn checkerboard(e: &Engine, s: u64) -> Vec<Lease> {
 fn refused_reserve_evicts_nothing() {
     for policy in [EvictionPolicy::S3Fifo, EvictionPolicy::Lru] {
         let e = Engine::new(EngineConfig {
-            capacity: 16 * PAGE,
-            staging: 16 * PAGE,
-            max_value: 4 * PAGE,
-            policy,
+            limits: Limits {
+                max_value: 4 * PAGE,
+                ..Limits::default()
+            },
+            host: HostConfig {
+                capacity: 16 * PAGE,
+                staging: 16 * PAGE,
+                policy,
+                ..HostConfig::default()
+            },
             ..EngineConfig::default()
         })
         .unwrap();
@@ -533,12 +557,18 @@ fn large_put_evicts_about_its_size_with_scattered_leases() {
     const PAGES: u64 = 2048;
     for policy in [EvictionPolicy::S3Fifo, EvictionPolicy::Lru] {
         let e = Engine::new(EngineConfig {
-            capacity: PAGES * PAGE,
-            staging: 512 * PAGE,
-            max_value: 256 * PAGE,
-            max_leases: 4096,
-            max_leases_per_session: 4096,
-            policy,
+            limits: Limits {
+                max_value: 256 * PAGE,
+                max_leases: 4096,
+                max_leases_per_session: 4096,
+                ..Limits::default()
+            },
+            host: HostConfig {
+                capacity: PAGES * PAGE,
+                staging: 512 * PAGE,
+                policy,
+                ..HostConfig::default()
+            },
             ..EngineConfig::default()
         })
         .unwrap();
@@ -615,9 +645,15 @@ fn large_put_evicts_about_its_size_with_scattered_leases() {
 #[test]
 fn one_session_cannot_hold_all_staging() {
     let e = Engine::new(EngineConfig {
-        capacity: 256 * PAGE,
-        staging: 64 * PAGE,
-        max_value: 8 * PAGE,
+        limits: Limits {
+            max_value: 8 * PAGE,
+            ..Limits::default()
+        },
+        host: HostConfig {
+            capacity: 256 * PAGE,
+            staging: 64 * PAGE,
+            ..HostConfig::default()
+        },
         ..EngineConfig::default()
     })
     .unwrap();
@@ -667,10 +703,16 @@ fn one_session_cannot_hold_all_staging() {
 #[test]
 fn release_refuses_more_than_max_batch_ids() {
     let e = Engine::new(EngineConfig {
-        capacity: 64 * PAGE,
-        staging: 16 * PAGE,
-        max_value: 4 * PAGE,
-        max_batch: 4,
+        limits: Limits {
+            max_value: 4 * PAGE,
+            max_batch: 4,
+            ..Limits::default()
+        },
+        host: HostConfig {
+            capacity: 64 * PAGE,
+            staging: 16 * PAGE,
+            ..HostConfig::default()
+        },
         ..EngineConfig::default()
     })
     .unwrap();
@@ -741,14 +783,20 @@ fn commit_races_close_reap_and_eviction() {
     const KEYS: u8 = 48;
     let e = Arc::new(
         Engine::new(EngineConfig {
-            capacity: 256 * PAGE,
-            staging: 96 * PAGE,
-            max_value: 24 * PAGE,
-            max_leases: 256,
-            max_leases_per_session: 64,
-            max_reservations: 64,
-            max_sessions: 32,
-            reservation_timeout: Duration::from_millis(1),
+            limits: Limits {
+                max_value: 24 * PAGE,
+                max_leases: 256,
+                max_leases_per_session: 64,
+                max_reservations: 64,
+                max_sessions: 32,
+                reservation_timeout: Duration::from_millis(1),
+                ..Limits::default()
+            },
+            host: HostConfig {
+                capacity: 256 * PAGE,
+                staging: 96 * PAGE,
+                ..HostConfig::default()
+            },
             ..EngineConfig::default()
         })
         .unwrap(),
@@ -974,13 +1022,7 @@ proptest! {
     /// entries) is long enough, and a put evicts less than its own size plus one entry.
     #[test]
     fn model_check(ops in proptest::collection::vec(op(), 1..300), lru in any::<bool>()) {
-        let e = Engine::new(EngineConfig {
-            capacity: ARENA_PAGES * PAGE,
-            staging: 8 * PAGE,
-            max_value: 4 * PAGE,
-            policy: if lru { EvictionPolicy::Lru } else { EvictionPolicy::S3Fifo },
-            ..EngineConfig::default()
-        }).unwrap();
+        let e = Engine::new(EngineConfig { limits: Limits { max_value: 4 * PAGE, ..Limits::default() }, host: HostConfig { capacity: ARENA_PAGES * PAGE, staging: 8 * PAGE, policy: if lru { EvictionPolicy::Lru } else { EvictionPolicy::S3Fifo }, ..HostConfig::default() }, ..EngineConfig::default() }).unwrap();
         let s = e.open_session().unwrap();
         let mut model: HashMap<u8, Vec<u8>> = HashMap::new();
         let mut held: Vec<(Lease, Vec<u8>)> = Vec::new();

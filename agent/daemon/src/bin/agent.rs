@@ -72,6 +72,16 @@ async fn main() -> anyhow::Result<()> {
         settings.otlp_endpoint.as_deref(),
         "nencache-agent",
     )?;
+    if settings.default_tier
+        && let Some(t) = settings.engine.tiers.first()
+    {
+        tracing::info!(
+            path = %t.store.path.display(),
+            size = %nencache_agent::config::ByteSize(t.store.capacity),
+            "no tier configured: using a default disk-backed tier (set tiers in the \
+             configuration file, or --nvme-size 0 to run without one)"
+        );
+    }
     // Not dumpable: another process of the agent's user can then neither ptrace it nor open
     // its /proc/<pid>/mem or fd entries, the last ways left to write the arena (the agent's
     // own mapping is the one writable view of it).

@@ -52,7 +52,11 @@ impl TestAgent {
         }
         args.extend_from_slice(extra);
         let args: Vec<String> = args.into_iter().map(str::to_owned).collect();
-        let child = Command::new(AGENT).args(&args).stderr(log).spawn().unwrap();
+        let child = no_default_tier(&mut Command::new(AGENT))
+            .args(&args)
+            .stderr(log)
+            .spawn()
+            .unwrap();
         let mut a = Self {
             child,
             dir,
@@ -85,7 +89,7 @@ impl TestAgent {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
         let log = std::fs::File::create(self.dir.path().join("agent.log")).unwrap();
-        self.child = Command::new(AGENT)
+        self.child = no_default_tier(&mut Command::new(AGENT))
             .args(&self.args)
             .stderr(log)
             .spawn()
@@ -264,4 +268,10 @@ pub async fn raw_channel(socket: &std::path::Path) -> tonic::transport::Channel 
         }))
         .await
         .unwrap()
+}
+
+/// Runs the agent without the default lower tier (a file in the user's data directory that
+/// every test agent would share), unless its flags configure tiers.
+pub fn no_default_tier(cmd: &mut Command) -> &mut Command {
+    cmd.env("NENCACHE_AGENT_NVME_SIZE", "0")
 }
