@@ -181,6 +181,16 @@ impl Policy {
         }
     }
 
+    /// The last pin on a live entry went, and it was not a read (a demotion wrote it down):
+    /// a parked entry goes back to the tail of the main queue, first in line for eviction,
+    /// which now costs nothing.
+    pub(crate) fn unpark_cold(&mut self, e: u32) {
+        if self.queue[e as usize] == Queue::Parked {
+            self.queue[e as usize] = Queue::None;
+            self.push_tail(Queue::Main, e);
+        }
+    }
+
     /// The entry left for another reason than eviction (delete, overwrite, expiry on access).
     pub(crate) fn remove(&mut self, e: u32) {
         self.unlink(e);

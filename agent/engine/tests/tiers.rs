@@ -119,11 +119,17 @@ fn values_evicted_from_host_memory_come_back_from_the_lower_tier() {
             .lookup(&[key(0).as_slice(), key(n - 1).as_slice()])
             .unwrap();
         assert_eq!(lookup.prefix, 2, "{tier:?}/{io:?}");
-        assert_eq!(lookup.tiers[0], tier, "the oldest key lives below host memory");
+        assert_eq!(
+            lookup.tiers[0], tier,
+            "the oldest key lives below host memory"
+        );
         for i in 0..n {
-            let (bytes, meta) = get(&e, s, &key(i))
-                .unwrap_or_else(|| panic!("{tier:?}/{io:?}: key {i} lost"));
-            assert!(bytes == value(i, len_of(i)), "{tier:?}/{io:?}: key {i} bytes");
+            let (bytes, meta) =
+                get(&e, s, &key(i)).unwrap_or_else(|| panic!("{tier:?}/{io:?}: key {i} lost"));
+            assert!(
+                bytes == value(i, len_of(i)),
+                "{tier:?}/{io:?}: key {i} bytes"
+            );
             assert_eq!(meta, i.to_le_bytes(), "{tier:?}/{io:?}: key {i} metadata");
         }
         let st = e.stats();
@@ -205,7 +211,10 @@ fn deleted_and_replaced_values_never_come_back() {
         }
         let e = engine(dir.path(), tier, io, 512);
         let s = e.open_session().unwrap();
-        assert!(get(&e, s, &key(0)).is_none(), "{tier:?}/{io:?}: deleted key");
+        assert!(
+            get(&e, s, &key(0)).is_none(),
+            "{tier:?}/{io:?}: deleted key"
+        );
         for i in [1, 2] {
             let (bytes, meta) = get(&e, s, &key(i)).expect("persisted");
             assert_eq!(meta, b"new", "{tier:?}/{io:?}: key {i}");

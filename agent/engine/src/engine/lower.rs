@@ -104,6 +104,9 @@ impl LowerTier for LogStore {
     }
 }
 
+/// Least time between two demotion rounds that found nothing to write.
+const DEMOTER_SPACING: Duration = Duration::from_millis(5);
+
 /// A lower tier as the engine holds it.
 pub(super) struct Lower {
     pub(super) tier: Tier,
@@ -735,8 +738,12 @@ impl Engine {
     pub fn run_demoter(&self, stop: &std::sync::atomic::AtomicBool, idle: Duration) {
         while !stop.load(Relaxed) {
             if self.demote() == 0 {
+                // Nothing to write: wait for a commit to wake us, but not more often than
+                // every few milliseconds, so that a full arena of clean entries does not
+                // cost a walk of its cold end per commit.
+                std::thread::sleep(DEMOTER_SPACING.min(idle));
                 let mut woken = self.demote_wake.0.lock();
-                if !*woken {
+                if !*woken && !stop.load(Relaxed) {
                     self.demote_wake.1.wait_for(&mut woken, idle);
                 }
                 *woken = false;
@@ -820,7 +827,7 @@ impl State {
             match ent.state {
                 EntryState::Live => {
                     self.evictable_pages += u64::from(ent.extent.pages);
-                    self.policy.unpark(e);
+                    self.policy.unpark_cold(e);
                 }
                 EntryState::Doomed => self.drop_entry(e),
                 _ => {}
