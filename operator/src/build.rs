@@ -1,8 +1,8 @@
 //! The pure part of reconciling a `NenCacheCluster`: [`validate`] checks the spec against what
 //! the agent supports and what the operator's [`Policy`] allows (host paths only under its
-//! prefixes) and turns sizes into bytes, [`build`] makes every object the cluster owns (its
-//! privileged helper from the policy's image). Nothing here talks to the API server, so the
-//! whole mapping is tested from YAML fixtures.
+//! prefixes, and apart from each other) and turns sizes into bytes, [`build`] makes every
+//! object the cluster owns (its privileged helpers from the policy's image). Nothing here
+//! talks to the API server, so the whole mapping is tested from YAML fixtures.
 
 use std::collections::BTreeMap;
 
@@ -28,7 +28,7 @@ use kube::{
 };
 use serde_json::json;
 
-use crate::crd::{DEFAULT_IMAGE, NenCacheCluster, PullPolicy};
+use crate::crd::{DEFAULT_IMAGE, IoEngine, NenCacheCluster, PullPolicy};
 
 /// Field manager used for server-side apply.
 pub const FIELD_MANAGER: &str = "nencache-operator";
@@ -44,15 +44,44 @@ pub const DEFAULT_HOST_PATH_PREFIXES: &[&str] = &["/run/nencache", "/var/lib/nen
 /// Longest socket directory: the agent's attach socket (`<dir>/agent.sock.attach`) must fit in
 /// a Unix socket address (108 bytes with its terminating NUL).
 const MAX_SOCKET_DIR: usize = 107 - "/agent.sock.attach".len();
+/// Where the agent's container mounts the NVMe tier's host directory.
+pub const NVME_MOUNT: &str = "/var/lib/nencache/nvme";
+/// The NVMe tier's file, in [`NVME_MOUNT`].
+pub const NVME_FILE: &str = "cache.t2";
+/// Where the agent's container mounts the disk tier's host directory (the tier's segment
+/// files go straight into it).
+pub const DISK_MOUNT: &str = "/var/lib/nencache/disk";
+/// Smallest storage tier: the agent needs two regions in a tier, and sizes each region (16 MiB
+/// for NVMe, 64 MiB for disk by default) up to the power of two that holds its largest value
+/// with headers: 128 MiB for the 64 MiB largest value it gets from the configuration written
+/// here (its staging area is never below 64 MiB).
+const MIN_LOWER_TIER_BYTES: u64 = 256 << 20;
+/// The agent's in-memory index of a lower tier takes about 128 bytes per 64 KiB of the tier's
+/// capacity: capacity / 512.
+const LOWER_TIER_INDEX_DIVISOR: u64 = 512;
+/// After SIGTERM the agent drains in-flight calls, then writes the host-resident entries no
+/// lower tier holds to the lower tiers, all within its `shutdown_grace`; then it flushes the
+/// tiers and exits. The operator writes `shutdown_grace` as the pods' grace period less this
+/// many seconds, left for the flush, for a write batch that outlasts the deadline, and for
+/// the exit, so the kubelet's SIGKILL never cuts the agent short.
+pub const SHUTDOWN_MARGIN_SECONDS: i64 = 10;
+/// The agents' pods' grace period when the spec sets none (Kubernetes' own default).
+pub const DEFAULT_GRACE_SECONDS: i64 = 30;
+/// Least grace period of the agents' pods: the agent keeps at least its default 10 s drain.
+pub const MIN_GRACE_SECONDS: i64 = 10 + SHUTDOWN_MARGIN_SECONDS;
+/// Least grace period of the agents' pods with an NVMe or disk tier, for writing the
+/// host-resident entries down.
+pub const LOWER_TIERS_MIN_GRACE_SECONDS: i64 = 60;
 
 /// What the operator lets clusters ask of the nodes, and what it runs with privilege. Set by
 /// the operator's flags (the chart's values), never by a `NenCacheCluster`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
-    /// Host directories a cluster's host paths (`socketDir`) must be in (or be).
+    /// Host directories a cluster's host paths (`socketDir`, the storage tiers' `hostPath`)
+    /// must be in (or be).
     host_path_prefixes: Vec<String>,
-    /// Image of the privileged helper: the init container that hands the socket directory to
-    /// the agent's user.
+    /// Image of the privileged helper: the init containers that hand the socket directory and
+    /// the storage tiers' directories to the agent's user.
     pub helper_image: String,
     /// Pull policy of the helper image.
     pub helper_image_pull_policy: PullPolicy,
@@ -165,6 +194,13 @@ fn path_problem(path: &str) -> Option<String> {
     None
 }
 
+/// Whether directories `a` and `b` (normalized absolute paths) are the same or one is inside
+/// the other.
+fn overlaps(a: &str, b: &str) -> bool {
+    let inside = |x: &str, y: &str| x.strip_prefix(y).is_some_and(|rest| rest.starts_with('/'));
+    a == b || inside(a, b) || inside(b, a)
+}
+
 /// A spec the operator cannot run (reported as the `ConfigValid` condition).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {
@@ -201,6 +237,20 @@ pub enum SpecError {
         /// The prefixes the operator allows, comma-separated.
         allowed: String,
     },
+    /// Two directories that must be apart are the same, or one is inside the other.
+    #[error(
+        "{field}: {value:?} overlaps {other} {other_value:?}; each needs a directory of its own, neither inside the other"
+    )]
+    Overlap {
+        /// The field.
+        field: &'static str,
+        /// The value.
+        value: String,
+        /// What it overlaps.
+        other: &'static str,
+        /// The directory it overlaps.
+        other_value: String,
+    },
     /// The socket directory is too long for the agent's socket addresses.
     #[error(
         "socketDir: {0:?} is longer than {MAX_SOCKET_DIR} bytes (the agent's socket paths must fit in a Unix socket address)"
@@ -215,6 +265,21 @@ pub struct Validated {
     pub host_bytes: u64,
     /// Staging area in bytes.
     pub staging_bytes: u64,
+    /// NVMe tier capacity in bytes, if the cluster has the tier.
+    pub nvme_bytes: Option<u64>,
+    /// Disk tier capacity in bytes, if the cluster has the tier.
+    pub disk_bytes: Option<u64>,
+    /// Seconds the agents' pods get to stop after SIGTERM.
+    pub grace_seconds: i64,
+}
+
+impl Validated {
+    /// The agent's own shutdown budget (`shutdown_grace`), in seconds: the pods' grace period
+    /// less [`SHUTDOWN_MARGIN_SECONDS`].
+    #[must_use]
+    pub fn agent_shutdown_grace_seconds(&self) -> i64 {
+        self.grace_seconds - SHUTDOWN_MARGIN_SECONDS
+    }
 }
 
 /// Parses a Kubernetes quantity of bytes (`1073741824`, `512Mi`, `8Gi`, `1G`, `500M`).
@@ -262,12 +327,6 @@ pub fn validate(ncc: &NenCacheCluster, policy: &Policy) -> Result<Validated, Spe
     if spec.tiers.gpu.is_some() {
         return Err(SpecError::Unsupported("tiers.gpu"));
     }
-    if spec.tiers.nvme.is_some() {
-        return Err(SpecError::Unsupported("tiers.nvme"));
-    }
-    if spec.tiers.disk.is_some() {
-        return Err(SpecError::Unsupported("tiers.disk"));
-    }
     if spec.tiers.host.huge_pages {
         return Err(SpecError::Unsupported("tiers.host.hugePages"));
     }
@@ -277,18 +336,125 @@ pub fn validate(ncc: &NenCacheCluster, policy: &Policy) -> Result<Validated, Spe
     if spec.peers.enabled {
         return Err(SpecError::Unsupported("peers"));
     }
-    // The storage tiers' hostPaths are refused above with their tiers; when those tiers come,
-    // their paths go through the same check.
     policy.check_host_path("socketDir", &spec.socket_dir)?;
     if spec.socket_dir.len() > MAX_SOCKET_DIR {
         return Err(SpecError::SocketDirTooLong(spec.socket_dir.clone()));
     }
+    let nvme_bytes = spec
+        .tiers
+        .nvme
+        .as_ref()
+        .map(|t| lower_tier(&NVME, &t.size, &t.host_path, &spec.socket_dir, policy))
+        .transpose()?;
+    let disk_bytes = spec
+        .tiers
+        .disk
+        .as_ref()
+        .map(|t| lower_tier(&DISK, &t.size, &t.host_path, &spec.socket_dir, policy))
+        .transpose()?;
+    if let (Some(nvme), Some(disk)) = (&spec.tiers.nvme, &spec.tiers.disk)
+        && overlaps(&disk.host_path, &nvme.host_path)
+    {
+        return Err(SpecError::Overlap {
+            field: DISK.host_path_field,
+            value: disk.host_path.clone(),
+            other: NVME.host_path_field,
+            other_value: nvme.host_path.clone(),
+        });
+    }
     // The agent's own default: a quarter of the arena, at most 256 MiB, at least 64 MiB.
     let staging_bytes = (host_bytes / 4).clamp(64 << 20, 256 << 20);
+    let least_grace = if nvme_bytes.is_some() || disk_bytes.is_some() {
+        LOWER_TIERS_MIN_GRACE_SECONDS
+    } else {
+        MIN_GRACE_SECONDS
+    };
+    let grace_seconds = spec
+        .termination_grace_period_seconds
+        .unwrap_or(DEFAULT_GRACE_SECONDS)
+        .max(least_grace);
     Ok(Validated {
         host_bytes,
         staging_bytes,
+        nvme_bytes,
+        disk_bytes,
+        grace_seconds,
     })
+}
+
+/// The fields and limits of a storage tier.
+struct LowerTier {
+    /// Field of its size.
+    size_field: &'static str,
+    /// Field of its host directory.
+    host_path_field: &'static str,
+    /// Smallest size, and how the error says it.
+    min_bytes: u64,
+    min_text: &'static str,
+    /// Where the agent's container mounts its host directory, and how an error names that.
+    mount: &'static str,
+    mount_text: &'static str,
+    /// Name of its volume (and, prefixed `prepare-`, of the init container preparing it).
+    volume: &'static str,
+}
+
+const NVME: LowerTier = LowerTier {
+    size_field: "tiers.nvme.size",
+    host_path_field: "tiers.nvme.hostPath",
+    min_bytes: MIN_LOWER_TIER_BYTES,
+    min_text: "at least 256Mi",
+    mount: NVME_MOUNT,
+    mount_text: "the agent container's mount of tiers.nvme",
+    volume: "tier-nvme",
+};
+
+const DISK: LowerTier = LowerTier {
+    size_field: "tiers.disk.size",
+    host_path_field: "tiers.disk.hostPath",
+    min_bytes: MIN_LOWER_TIER_BYTES,
+    min_text: "at least 256Mi",
+    mount: DISK_MOUNT,
+    mount_text: "the agent container's mount of tiers.disk",
+    volume: "tier-disk",
+};
+
+/// Checks a storage tier: its size, its host directory (allowed by `policy`, and apart from
+/// the socket directory, which the prepare step needs empty or the agent's and which injected
+/// pods mount), and that the socket directory, mounted at its own path in the agent's
+/// container, stays apart from where the tier is mounted there. Returns the size in bytes.
+fn lower_tier(
+    tier: &LowerTier,
+    size: &str,
+    host_path: &str,
+    socket_dir: &str,
+    policy: &Policy,
+) -> Result<u64, SpecError> {
+    let bytes = parse_bytes(tier.size_field, size)?;
+    if bytes < tier.min_bytes {
+        return Err(SpecError::SizeOutOfRange {
+            field: tier.size_field,
+            value: size.to_string(),
+            reason: tier.min_text,
+        });
+    }
+    policy.check_host_path(tier.host_path_field, host_path)?;
+    if overlaps(host_path, socket_dir) {
+        return Err(SpecError::Overlap {
+            field: tier.host_path_field,
+            value: host_path.to_string(),
+            other: "socketDir",
+            other_value: socket_dir.to_string(),
+        });
+    }
+    if overlaps(socket_dir, tier.mount) {
+        return Err(SpecError::Overlap {
+            field: "socketDir",
+            value: socket_dir.to_string(),
+            other: tier.mount_text,
+            other_value: tier.mount.to_string(),
+        });
+    }
+    Ok(bytes)
 }
 
 /// Everything a cluster owns.
@@ -349,16 +515,20 @@ fn labels(name: &str) -> BTreeMap<String, String> {
     l
 }
 
-/// The agent configuration file (the agent's YAML schema; see docs/configuration.md).
+/// The agent configuration file (the agent's YAML schema; see docs/configuration.md). It
+/// always has a `tiers:` section: without one the agent would give itself a disk tier in a
+/// directory of its own choosing, so a cluster without lower tiers writes `tiers: {}`.
 #[must_use]
 pub fn agent_config(ncc: &NenCacheCluster, v: &Validated) -> String {
+    use std::fmt::Write as _;
     let s = &ncc.spec;
-    format!(
+    let mut out = format!(
         "# Generated by nencache-operator from NenCacheCluster {name}.\n\
          socket: {dir}/agent.sock\n\
          admin_addr: 0.0.0.0:{port}\n\
          log_format: json\n\
          log_level: {level:?}\n\
+         shutdown_grace: {grace}s\n\
          host:\n  capacity: {host}\n  staging: {staging}\n  lock_memory: {lock}\n",
         name = ncc.name_any(),
         dir = s.socket_dir.trim_end_matches('/'),
@@ -367,7 +537,32 @@ pub fn agent_config(ncc: &NenCacheCluster, v: &Validated) -> String {
         host = v.host_bytes,
         staging = v.staging_bytes,
         lock = s.tiers.host.lock_memory,
-    )
+        grace = v.agent_shutdown_grace_seconds(),
+    );
+    let (nvme, disk) = (
+        s.tiers.nvme.as_ref().zip(v.nvme_bytes),
+        s.tiers.disk.as_ref().zip(v.disk_bytes),
+    );
+    if nvme.is_none() && disk.is_none() {
+        out.push_str("tiers: {}\n");
+        return out;
+    }
+    out.push_str("tiers:\n");
+    // Writing to a String cannot fail.
+    if let Some((t, bytes)) = nvme {
+        let _ = write!(
+            out,
+            "  nvme:\n    path: {NVME_MOUNT}/{NVME_FILE}\n    size: {bytes}\n    io_engine: {}\n",
+            t.io_engine.unwrap_or(IoEngine::Auto).as_str()
+        );
+        if let Some(a) = t.admission {
+            let _ = writeln!(out, "    admission: {}", a.as_str());
+        }
+    }
+    if let Some((_, bytes)) = disk {
+        let _ = write!(out, "  disk:\n    path: {DISK_MOUNT}\n    size: {bytes}\n");
+    }
+    out
 }
 
 fn meta(ncc: &NenCacheCluster, name: String) -> ObjectMeta {
@@ -488,11 +683,25 @@ fn probe(path: &str, port: i32, period: i32) -> Probe {
     }
 }
 
-/// Memory for the agent: arena + staging + 256 MiB for everything else.
+/// Memory for the agent: arena + staging + the lower tiers' in-memory index (about 128
+/// bytes per 64 KiB of their capacity) + 256 MiB for everything else. The disk tier's
+/// memory-mapped segments are not in it: they are file-backed page cache, charged to the
+/// pod's cgroup while resident but reclaimable, so the kernel evicts them at the limit
+/// instead of killing the agent. The NVMe tier uses O_DIRECT and so no page cache.
 fn default_resources(v: &Validated) -> ResourceRequirements {
+    // Saturating: sizes are bounded only by u64, and the sums must not wrap.
+    let index = (v
+        .nvme_bytes
+        .unwrap_or(0)
+        .saturating_add(v.disk_bytes.unwrap_or(0)))
+    .div_ceil(LOWER_TIER_INDEX_DIVISOR);
     let mem = Quantity(format!(
         "{}Mi",
-        (v.host_bytes + v.staging_bytes).div_ceil(1 << 20) + 256
+        v.host_bytes
+            .saturating_add(v.staging_bytes)
+            .div_ceil(1 << 20)
+            .saturating_add(index.div_ceil(1 << 20))
+            .saturating_add(256)
     ));
     ResourceRequirements {
         requests: Some(BTreeMap::from([
@@ -513,6 +722,14 @@ fn pod_template(
 ) -> PodTemplateSpec {
     let s = &ncc.spec;
     let port = i32::from(s.metrics.port);
+    // The storage tiers the cluster has, each with its host directory.
+    let lower: Vec<(&LowerTier, &str)> = [
+        s.tiers.nvme.as_ref().map(|t| (&NVME, t.host_path.as_str())),
+        s.tiers.disk.as_ref().map(|t| (&DISK, t.host_path.as_str())),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     let mut args = vec!["serve".to_string(), "--config".into(), CONFIG_PATH.into()];
     args.extend(s.args.iter().cloned());
     let add = s
@@ -545,66 +762,49 @@ fn pod_template(
             }),
             ..SecurityContext::default()
         }),
-        volume_mounts: Some(vec![
-            VolumeMount {
-                name: "config".into(),
-                mount_path: "/etc/nencache".into(),
-                read_only: Some(true),
-                ..VolumeMount::default()
-            },
-            VolumeMount {
-                name: "sockets".into(),
-                mount_path: s.socket_dir.clone(),
-                ..VolumeMount::default()
-            },
-        ]),
+        volume_mounts: Some(
+            [
+                VolumeMount {
+                    name: "config".into(),
+                    mount_path: "/etc/nencache".into(),
+                    read_only: Some(true),
+                    ..VolumeMount::default()
+                },
+                mount("sockets", &s.socket_dir),
+            ]
+            .into_iter()
+            .chain(lower.iter().map(|(t, _)| mount(t.volume, t.mount)))
+            .collect(),
+        ),
         ..Container::default()
     };
-    // The kubelet creates the hostPath socket directory owned by root; this hands it to the
-    // agent's user before the agent starts. Root, but with CHOWN as its only capability, and
-    // from the operator's own helper image, never the cluster's: `prepare-dir` takes over only
-    // a directory it created, one the agent owns already, or an empty root-owned 0755 one (what
-    // the kubelet creates), and the path is in a prefix the operator allows.
-    let prepare = Container {
-        name: "prepare-socket-dir".into(),
-        image: Some(policy.helper_image.clone()),
-        image_pull_policy: Some(policy.helper_image_pull_policy.as_str().into()),
-        args: Some(vec![
-            "prepare-dir".into(),
-            "--uid".into(),
-            AGENT_UID.to_string(),
-            "--gid".into(),
-            AGENT_UID.to_string(),
-            "--mode".into(),
-            "750".into(),
-            s.socket_dir.clone(),
-        ]),
-        resources: Some(ResourceRequirements {
-            requests: Some(BTreeMap::from([
-                ("cpu".into(), Quantity("10m".into())),
-                ("memory".into(), Quantity("16Mi".into())),
-            ])),
-            limits: Some(BTreeMap::from([("memory".into(), Quantity("32Mi".into()))])),
-            ..ResourceRequirements::default()
+    // The kubelet creates hostPath directories owned by root; these hand the socket directory
+    // (0750: clients connect through the agent's group) and each storage tier's directory
+    // (0700: the agent's alone) to the agent's user before the agent starts.
+    let init_containers = std::iter::once(prepare_dir(
+        policy,
+        "prepare-socket-dir",
+        "sockets",
+        &s.socket_dir,
+        "750",
+    ))
+    .chain(lower.iter().map(|(t, _)| {
+        prepare_dir(
+            policy,
+            &format!("prepare-{}-dir", t.volume),
+            t.volume,
+            t.mount,
+            "700",
+        )
+    }))
+    .collect();
+    let host_dir = |name: &str, path: &str| Volume {
+        name: name.into(),
+        host_path: Some(HostPathVolumeSource {
+            path: path.into(),
+            type_: Some("DirectoryOrCreate".into()),
         }),
-        security_context: Some(SecurityContext {
-            run_as_user: Some(0),
-            run_as_non_root: Some(false),
-            privileged: Some(false),
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                add: Some(vec!["CHOWN".into()]),
-            }),
-            ..SecurityContext::default()
-        }),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "sockets".into(),
-            mount_path: s.socket_dir.clone(),
-            ..VolumeMount::default()
-        }]),
-        ..Container::default()
+        ..Volume::default()
     };
     PodTemplateSpec {
         metadata: Some(ObjectMeta {
@@ -634,27 +834,81 @@ fn pod_template(
                 }),
                 ..PodSecurityContext::default()
             }),
-            init_containers: Some(vec![prepare]),
+            init_containers: Some(init_containers),
             containers: vec![container],
-            volumes: Some(vec![
-                Volume {
-                    name: "config".into(),
-                    config_map: Some(ConfigMapVolumeSource {
-                        name: format!("{agent}-config"),
-                        ..ConfigMapVolumeSource::default()
-                    }),
-                    ..Volume::default()
-                },
-                Volume {
-                    name: "sockets".into(),
-                    host_path: Some(HostPathVolumeSource {
-                        path: s.socket_dir.clone(),
-                        type_: Some("DirectoryOrCreate".into()),
-                    }),
-                    ..Volume::default()
-                },
-            ]),
+            // Time for the agent to drain its calls and, with lower tiers, to write the
+            // host-resident entries to them; its own budget ends 10 s earlier.
+            termination_grace_period_seconds: Some(v.grace_seconds),
+            volumes: Some(
+                [
+                    Volume {
+                        name: "config".into(),
+                        config_map: Some(ConfigMapVolumeSource {
+                            name: format!("{agent}-config"),
+                            ..ConfigMapVolumeSource::default()
+                        }),
+                        ..Volume::default()
+                    },
+                    host_dir("sockets", &s.socket_dir),
+                ]
+                .into_iter()
+                .chain(lower.iter().map(|(t, path)| host_dir(t.volume, path)))
+                .collect(),
+            ),
             ..PodSpec::default()
         }),
+    }
+}
+
+fn mount(volume: &str, path: &str) -> VolumeMount {
+    VolumeMount {
+        name: volume.into(),
+        mount_path: path.into(),
+        ..VolumeMount::default()
+    }
+}
+
+/// An init container that hands hostPath directory `volume`, mounted at `path`, to the agent's
+/// user with `mode`. Root, but with CHOWN as its only capability, and from the operator's own
+/// helper image, never the cluster's: `prepare-dir` takes over only a directory it created,
+/// one the agent owns already, or an empty root-owned 0755 one (what the kubelet creates),
+/// and the host path is in a prefix the operator allows.
+fn prepare_dir(policy: &Policy, name: &str, volume: &str, path: &str, mode: &str) -> Container {
+    Container {
+        name: name.into(),
+        image: Some(policy.helper_image.clone()),
+        image_pull_policy: Some(policy.helper_image_pull_policy.as_str().into()),
+        args: Some(vec![
+            "prepare-dir".into(),
+            "--uid".into(),
+            AGENT_UID.to_string(),
+            "--gid".into(),
+            AGENT_UID.to_string(),
+            "--mode".into(),
+            mode.into(),
+            path.into(),
+        ]),
+        resources: Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".into(), Quantity("10m".into())),
+                ("memory".into(), Quantity("16Mi".into())),
+            ])),
+            limits: Some(BTreeMap::from([("memory".into(), Quantity("32Mi".into()))])),
+            ..ResourceRequirements::default()
+        }),
+        security_context: Some(SecurityContext {
+            run_as_user: Some(0),
+            run_as_non_root: Some(false),
+            privileged: Some(false),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                add: Some(vec!["CHOWN".into()]),
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![mount(volume, path)]),
+        ..Container::default()
     }
 }

@@ -82,6 +82,12 @@ pub struct NenCacheClusterSpec {
     /// Extra arguments of `nencache-agent serve`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub args: Vec<String>,
+    /// Seconds an agent pod gets to stop after SIGTERM (default 30): the agent drains its
+    /// calls and writes host-resident entries to the lower tiers for all but the last 10.
+    /// Raised to at least 20, and to at least 60 with an `nvme` or `disk` tier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub termination_grace_period_seconds: Option<i64>,
 }
 
 fn default_image() -> String {
@@ -134,10 +140,10 @@ pub struct Tiers {
     /// T1: host shared memory.
     #[serde(default)]
     pub host: HostTier,
-    /// T2: NVMe (io_uring, O_DIRECT).
+    /// T2: NVMe, a log-structured store in one file (O_DIRECT, io_uring or pread).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub nvme: Option<StorageTier>,
-    /// T3: disk (memory-mapped segments).
+    pub nvme: Option<NvmeTier>,
+    /// T3: disk, a directory of memory-mapped segment files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<StorageTier>,
 }
@@ -187,12 +193,81 @@ impl Default for HostTier {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StorageTier {
-    /// Capacity as a Kubernetes quantity.
+    /// Capacity as a Kubernetes quantity (at least `256Mi`).
     #[schemars(regex(pattern = SIZE_PATTERN))]
     pub size: String,
-    /// Directory on the node that holds the tier's files (in a host directory the operator
-    /// allows, as for `socketDir`).
+    /// Directory on the node that holds the tier's files: a normalized absolute path in one
+    /// of the host directories the operator allows, as for `socketDir`, apart from the socket
+    /// directory and the other tier's directory.
     pub host_path: String,
+}
+
+/// The NVMe tier: one file in a directory on the node.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NvmeTier {
+    /// Capacity as a Kubernetes quantity (at least `256Mi`).
+    #[schemars(regex(pattern = SIZE_PATTERN))]
+    pub size: String,
+    /// Directory on the node that holds the tier's file: a normalized absolute path in one
+    /// of the host directories the operator allows, as for `socketDir`, apart from the socket
+    /// directory and the other tier's directory.
+    pub host_path: String,
+    /// I/O engine (default `auto`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_engine: Option<IoEngine>,
+    /// Which entries the tier takes (default: the agent's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admission: Option<Admission>,
+}
+
+/// The NVMe tier's I/O engine: `auto` (the default: io_uring where the kernel and the
+/// container's seccomp profile allow it, else pread), `io_uring` (the agent does not start
+/// without it) or `pread`.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum IoEngine {
+    /// io_uring where the kernel allows it, else pread.
+    #[default]
+    Auto,
+    /// io_uring only (the agent does not start without it).
+    IoUring,
+    /// pread and pwrite on a small thread pool.
+    Pread,
+}
+
+impl IoEngine {
+    /// The agent's spelling.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::IoUring => "io_uring",
+            Self::Pread => "pread",
+        }
+    }
+}
+
+/// Which entries the tier takes from the tier above: `all`, or `reused` (only entries read
+/// again while in the tier above); the agent's default when absent.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Admission {
+    /// Every entry the tier above moves down.
+    All,
+    /// Only entries that were read again while in the tier above.
+    Reused,
+}
+
+impl Admission {
+    /// The agent's spelling.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::Reused => "reused",
+        }
+    }
 }
 
 /// LMCache-compatible listeners.

@@ -4,10 +4,14 @@
 // Helpers outside #[test] functions fail loudly too.
 #![allow(clippy::unwrap_used)]
 
+use k8s_openapi::api::core::v1::PodSpec;
 use kube::CustomResourceExt;
 use nencache_agent::config::ServeArgs;
 use nencache_operator::{
-    build::{CONFIG_HASH_ANNOTATION, Policy, Resources, SpecError, build, config_hash, validate},
+    build::{
+        CONFIG_HASH_ANNOTATION, DISK_MOUNT, NVME_MOUNT, Policy, Resources, SpecError, build,
+        config_hash, validate,
+    },
     crd::{DEFAULT_IMAGE, NenCacheCluster, PullPolicy},
 };
 
@@ -170,13 +174,67 @@ fn full_spec_is_carried_into_the_pod() {
     );
 }
 
+/// The pod template's spec.
+fn pod(r: &Resources) -> &PodSpec {
+    r.daemon_set.spec.template.spec.as_ref().unwrap()
+}
+
+/// The agent's configuration file of `r`, parsed.
+fn agent_yaml(r: &Resources) -> serde_yaml_ng::Value {
+    serde_yaml_ng::from_str(&r.config_map.data.as_ref().unwrap()["agent.yaml"]).unwrap()
+}
+
+/// The agent container's memory request and limit.
+fn agent_memory(r: &Resources) -> (String, String) {
+    let res = pod(r).containers[0].resources.as_ref().unwrap();
+    (
+        res.requests.as_ref().unwrap()["memory"].0.clone(),
+        res.limits.as_ref().unwrap()["memory"].0.clone(),
+    )
+}
+
 #[test]
 fn the_generated_agent_config_is_accepted_by_the_agent() {
-    for (name, capacity, lock) in [
-        ("minimal.yaml", 1u64 << 30, false),
-        ("full.yaml", 8 << 30, true),
+    // The smallest storage tiers the operator accepts must be ones the agent accepts.
+    let mut smallest = fixture("minimal.yaml");
+    smallest.spec = serde_yaml_ng::from_str(
+        "tiers: {nvme: {size: 256Mi, hostPath: /var/lib/nencache/n}, \
+         disk: {size: 256Mi, hostPath: /var/lib/nencache/d}}",
+    )
+    .unwrap();
+    // Each lower tier as the agent reads it: name, path, bytes, I/O engine, admission.
+    let deep = [
+        (
+            "nvme",
+            "/var/lib/nencache/nvme/cache.t2",
+            64u64 << 30,
+            "IoUring",
+            "Reused",
+        ),
+        ("disk", "/var/lib/nencache/disk", 256 << 30, "Mmap", "All"),
+    ];
+    let least = [
+        (
+            "nvme",
+            "/var/lib/nencache/nvme/cache.t2",
+            256 << 20,
+            "Auto",
+            "Reused",
+        ),
+        ("disk", "/var/lib/nencache/disk", 256 << 20, "Mmap", "All"),
+    ];
+    for (name, ncc, capacity, lock, tiers) in [
+        (
+            "minimal.yaml",
+            fixture("minimal.yaml"),
+            1u64 << 30,
+            false,
+            &[][..],
+        ),
+        ("full.yaml", fixture("full.yaml"), 8 << 30, true, &[]),
+        ("tiers.yaml", fixture("tiers.yaml"), 4 << 30, false, &deep),
+        ("smallest tiers", smallest, 1 << 30, false, &least),
     ] {
-        let ncc = fixture(name);
         let r = built(&ncc);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.yaml");
@@ -186,12 +244,417 @@ fn the_generated_agent_config_is_accepted_by_the_agent() {
             ..ServeArgs::default()
         }
         .resolve(None)
-        .unwrap();
-        assert_eq!(s.engine.capacity, capacity);
-        assert_eq!(s.engine.lock_memory, lock);
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(s.engine.host.capacity, capacity);
+        assert_eq!(s.engine.host.lock_memory, lock);
+        // Never the agent's own default tier in its user's data directory.
+        assert!(!s.default_tier, "{name}");
+        let got: Vec<_> = s
+            .engine
+            .tiers
+            .iter()
+            .map(|t| {
+                (
+                    t.tier.name(),
+                    t.store.path.to_str().unwrap(),
+                    t.store.capacity,
+                    format!("{:?}", t.store.io_engine),
+                    format!("{:?}", t.admission),
+                )
+            })
+            .collect();
+        let want: Vec<_> = tiers
+            .iter()
+            .map(|&(t, p, b, io, a)| (t, p, b, io.to_string(), a.to_string()))
+            .collect();
+        assert_eq!(got, want, "{name}");
         assert!(s.socket.starts_with(&ncc.spec.socket_dir));
         assert_eq!(s.socket.file_name().unwrap(), "agent.sock");
         assert_eq!(s.admin_addr.unwrap().port(), ncc.spec.metrics.port);
+        // Below the pod's grace period, so the agent's shutdown never meets SIGKILL.
+        let grace = pod(&r).termination_grace_period_seconds.unwrap();
+        assert!(
+            s.shutdown_grace < std::time::Duration::from_secs(grace.try_into().unwrap()),
+            "{name}: agent {:?}, pod {grace}s",
+            s.shutdown_grace
+        );
+    }
+}
+
+#[test]
+fn a_cluster_without_storage_tiers_writes_an_empty_tiers_section() {
+    // Without any `tiers:` key the agent would make a disk tier of its own.
+    for r in [
+        built(&fixture("minimal.yaml")),
+        built(&fixture("full.yaml")),
+    ] {
+        let tiers = &agent_yaml(&r)["tiers"];
+        assert!(
+            tiers
+                .as_mapping()
+                .is_some_and(serde_yaml_ng::Mapping::is_empty),
+            "{tiers:?}"
+        );
+        let pod = pod(&r);
+        assert_eq!(pod.init_containers.as_ref().unwrap().len(), 1);
+        assert_eq!(pod.volumes.as_ref().unwrap().len(), 2, "config and sockets");
+    }
+}
+
+#[test]
+fn storage_tiers_are_written_into_the_agent_configuration() {
+    let r = built(&fixture("tiers.yaml"));
+    let yaml = agent_yaml(&r);
+    let nvme = &yaml["tiers"]["nvme"];
+    assert_eq!(
+        nvme["path"].as_str(),
+        Some("/var/lib/nencache/nvme/cache.t2")
+    );
+    assert_eq!(nvme["size"].as_u64(), Some(64 << 30));
+    assert_eq!(nvme["io_engine"].as_str(), Some("io_uring"));
+    assert_eq!(nvme["admission"].as_str(), Some("reused"));
+    let disk = &yaml["tiers"]["disk"];
+    assert_eq!(disk["path"].as_str(), Some("/var/lib/nencache/disk"));
+    assert_eq!(disk["size"].as_u64(), Some(256 << 30));
+    assert_eq!(disk.as_mapping().unwrap().len(), 2, "{disk:?}");
+
+    // One tier alone; the I/O engine defaults to auto, the admission to the agent's.
+    let r = built(&with_spec(
+        "tiers: {nvme: {size: 1Ti, hostPath: /var/lib/nencache/nvme}}",
+    ));
+    let tiers = agent_yaml(&r)["tiers"].clone();
+    assert_eq!(tiers.as_mapping().unwrap().len(), 1, "{tiers:?}");
+    assert_eq!(tiers["nvme"]["size"].as_u64(), Some(1 << 40));
+    assert_eq!(tiers["nvme"]["io_engine"].as_str(), Some("auto"));
+    assert!(tiers["nvme"].get("admission").is_none(), "{tiers:?}");
+    let r = built(&with_spec(
+        "tiers: {disk: {size: 500G, hostPath: /var/lib/nencache/disk}}",
+    ));
+    let tiers = agent_yaml(&r)["tiers"].clone();
+    assert_eq!(tiers.as_mapping().unwrap().len(), 1, "{tiers:?}");
+    assert_eq!(tiers["disk"]["size"].as_u64(), Some(500_000_000_000));
+}
+
+#[test]
+fn storage_tiers_mount_their_host_directories_prepared_for_the_agent() {
+    let ncc = fixture("tiers.yaml");
+    let r = built(&ncc);
+    let pod = pod(&r);
+    let volumes = pod.volumes.as_ref().unwrap();
+    let agent = &pod.containers[0];
+    let inits = pod.init_containers.as_ref().unwrap();
+    assert_eq!(
+        inits[0].name, "prepare-socket-dir",
+        "the socket directory first"
+    );
+    for (volume, host, mount) in [
+        ("tier-nvme", "/var/lib/nencache/deep/nvme", NVME_MOUNT),
+        ("tier-disk", "/var/lib/nencache/deep/disk", DISK_MOUNT),
+    ] {
+        let hp = volumes
+            .iter()
+            .find(|v| v.name == volume)
+            .unwrap_or_else(|| panic!("no volume {volume}"))
+            .host_path
+            .as_ref()
+            .unwrap();
+        assert_eq!(hp.path, host);
+        assert_eq!(hp.type_.as_deref(), Some("DirectoryOrCreate"));
+        let m = agent
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.name == volume)
+            .unwrap();
+        assert_eq!(m.mount_path, mount);
+        assert_ne!(m.read_only, Some(true));
+        // The kubelet creates the directory owned by root: an init container from the
+        // helper image hands it to the agent's user, for the agent alone (0700).
+        let init = inits
+            .iter()
+            .find(|c| c.name == format!("prepare-{volume}-dir"))
+            .unwrap_or_else(|| panic!("no init container for {volume}"));
+        assert_eq!(init.image.as_deref(), Some(DEFAULT_IMAGE));
+        let args = init.args.as_ref().unwrap();
+        assert_eq!(
+            args,
+            &[
+                "prepare-dir",
+                "--uid",
+                "65532",
+                "--gid",
+                "65532",
+                "--mode",
+                "700",
+                mount
+            ]
+        );
+        let im = init.volume_mounts.as_ref().unwrap();
+        assert_eq!(
+            (im[0].name.as_str(), im[0].mount_path.as_str()),
+            (volume, mount)
+        );
+        let caps = init
+            .security_context
+            .as_ref()
+            .unwrap()
+            .capabilities
+            .as_ref()
+            .unwrap();
+        assert_eq!(caps.add.as_deref(), Some(&["CHOWN".to_string()][..]));
+    }
+    assert_eq!(inits.len(), 3);
+    // hostPath volumes are not the pod's ephemeral storage: nothing asks for any.
+    let res = agent.resources.as_ref().unwrap();
+    for m in [&res.requests, &res.limits].into_iter().flatten() {
+        assert!(!m.contains_key("ephemeral-storage"), "{m:?}");
+    }
+}
+
+#[test]
+fn storage_tier_host_paths_are_checked_like_the_socket_directory() {
+    let policy = Policy::default();
+    let tier = |t: &str, path: &str| {
+        validate(
+            &with_spec(&format!(
+                "tiers: {{{t}: {{size: 1Gi, hostPath: {path:?}}}}}"
+            )),
+            &policy,
+        )
+    };
+    for t in ["nvme", "disk"] {
+        for ok in [
+            "/var/lib/nencache",
+            "/var/lib/nencache/nvme",
+            "/var/lib/nencache/a/b_c.d",
+        ] {
+            assert!(tier(t, ok).is_ok(), "{t} {ok}: {:?}", tier(t, ok));
+        }
+        for (bad, why) in [
+            ("/mnt/nvme", "outside"),
+            ("/var/lib/kubelet", "outside"),
+            ("/var/lib/nencache/../kubelet", "\"..\""),
+            ("/var/lib/nencache/", "trailing"),
+            ("var/lib/nencache/x", "absolute"),
+            ("/", "root"),
+        ] {
+            let err = tier(t, bad).unwrap_err();
+            assert!(
+                matches!(err, SpecError::HostPath { .. }),
+                "{t} {bad}: {err}"
+            );
+            let msg = err.to_string();
+            assert!(
+                msg.starts_with(&format!("tiers.{t}.hostPath: ")),
+                "{t} {bad}: {msg}"
+            );
+            assert!(msg.contains(why), "{t} {bad}: {msg}");
+            assert!(
+                msg.contains("/run/nencache, /var/lib/nencache"),
+                "{t} {bad}: {msg}"
+            );
+        }
+    }
+    // The operator's own prefixes apply to them as to socketDir.
+    let custom = Policy::new(
+        ["/srv/cache".to_string(), "/run/nencache".to_string()],
+        "helper:1".into(),
+        PullPolicy::IfNotPresent,
+    )
+    .unwrap();
+    let spec = |p: &str| with_spec(&format!("tiers: {{nvme: {{size: 8Gi, hostPath: {p}}}}}"));
+    assert!(validate(&spec("/srv/cache/nvme"), &custom).is_ok());
+    let err = validate(&spec("/var/lib/nencache/nvme"), &custom).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("host paths must be in one of: /srv/cache, /run/nencache"),
+        "{err}"
+    );
+}
+
+#[test]
+fn storage_tier_directories_stay_apart_from_the_sockets_and_each_other() {
+    let policy = Policy::default();
+    let check = |spec: &str| validate(&with_spec(spec), &policy);
+    assert!(
+        check(
+            "{socketDir: /run/nencache, tiers: {nvme: {size: 1Gi, hostPath: /var/lib/nencache/a}, \
+             disk: {size: 1Gi, hostPath: /var/lib/nencache/b}}}"
+        )
+        .is_ok()
+    );
+    for (spec, field, other) in [
+        // A tier in, at or around the socket directory, which injected pods mount.
+        (
+            "{socketDir: /var/lib/nencache/s, \
+             tiers: {nvme: {size: 1Gi, hostPath: /var/lib/nencache/s}}}",
+            "tiers.nvme.hostPath",
+            "socketDir",
+        ),
+        (
+            "{socketDir: /run/nencache, \
+             tiers: {disk: {size: 1Gi, hostPath: /run/nencache/disk}}}",
+            "tiers.disk.hostPath",
+            "socketDir",
+        ),
+        (
+            "{socketDir: /run/nencache/s, tiers: {nvme: {size: 1Gi, hostPath: /run/nencache}}}",
+            "tiers.nvme.hostPath",
+            "socketDir",
+        ),
+        // The two tiers sharing a directory, or one inside the other.
+        (
+            "{tiers: {nvme: {size: 1Gi, hostPath: /var/lib/nencache/t}, \
+             disk: {size: 1Gi, hostPath: /var/lib/nencache/t}}}",
+            "tiers.disk.hostPath",
+            "tiers.nvme.hostPath",
+        ),
+        (
+            "{tiers: {nvme: {size: 1Gi, hostPath: /var/lib/nencache/t}, \
+             disk: {size: 1Gi, hostPath: /var/lib/nencache/t/disk}}}",
+            "tiers.disk.hostPath",
+            "tiers.nvme.hostPath",
+        ),
+        // The socket directory (mounted at its own path in the agent's container) on or
+        // around where the agent's container mounts a tier.
+        (
+            "{socketDir: /var/lib/nencache, \
+             tiers: {nvme: {size: 1Gi, hostPath: /run/nencache/t}}}",
+            "socketDir",
+            "tiers.nvme",
+        ),
+        (
+            "{socketDir: /var/lib/nencache/disk/s, \
+             tiers: {disk: {size: 1Gi, hostPath: /run/nencache/t}}}",
+            "socketDir",
+            "tiers.disk",
+        ),
+    ] {
+        let err = check(spec).unwrap_err();
+        assert!(matches!(err, SpecError::Overlap { .. }), "{spec}: {err}");
+        let msg = err.to_string();
+        assert!(msg.starts_with(&format!("{field}: ")), "{spec}: {msg}");
+        assert!(msg.contains(other), "{spec}: {msg}");
+    }
+    // Without the tier, its mount path is free for the sockets.
+    assert!(
+        check(
+            "{socketDir: /var/lib/nencache/nvme, \
+             tiers: {disk: {size: 1Gi, hostPath: /run/nencache/t}}}"
+        )
+        .is_ok()
+    );
+}
+
+#[test]
+fn storage_tier_sizes_are_parsed_and_too_small_ones_refused() {
+    let policy = Policy::default();
+    let sized = |t: &str, size: &str| {
+        validate(
+            &with_spec(&format!(
+                "tiers: {{{t}: {{size: {size}, hostPath: /var/lib/nencache/{t}}}}}"
+            )),
+            &policy,
+        )
+    };
+    // Two regions of 128 MiB (the 64 MiB largest value with headers, rounded up to a power
+    // of two) at least.
+    assert_eq!(sized("nvme", "256Mi").unwrap().nvme_bytes, Some(256 << 20));
+    assert_eq!(sized("disk", "256Mi").unwrap().disk_bytes, Some(256 << 20));
+    assert_eq!(
+        sized("disk", "2T").unwrap().disk_bytes,
+        Some(2_000_000_000_000)
+    );
+    for (t, size, needle) in [
+        ("nvme", "255Mi", "at least 256Mi"),
+        ("nvme", "64Mi", "at least 256Mi"),
+        ("nvme", "0", "at least 256Mi"),
+        ("disk", "128Mi", "at least 256Mi"),
+        ("disk", "256M", "at least 256Mi"),
+        ("nvme", "lots", "not a size"),
+        ("disk", "1.5Ti", "not a size"),
+    ] {
+        let err = sized(t, size).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with(&format!("tiers.{t}.size: ")),
+            "{t} {size}: {msg}"
+        );
+        assert!(msg.contains(needle), "{t} {size}: {msg}");
+    }
+}
+
+#[test]
+fn the_memory_request_includes_the_lower_tiers_index() {
+    // 4Gi arena + 256Mi staging + (64Gi + 256Gi) / 512 = 640Mi of index + 256Mi.
+    let r = built(&fixture("tiers.yaml"));
+    assert_eq!(
+        agent_memory(&r),
+        ("5248Mi".to_string(), "5248Mi".to_string())
+    );
+    // The index is rounded up to whole MiB: 1Gi / 512 = 2Mi, 1G / 512 rounds up to 2Mi, and
+    // 1T / 512 to 1863Mi.
+    for (spec, mem) in [
+        ("{}", "1536Mi"),
+        (
+            "tiers: {nvme: {size: 1Gi, hostPath: /var/lib/nencache/n}}",
+            "1538Mi",
+        ),
+        (
+            "tiers: {disk: {size: 1G, hostPath: /var/lib/nencache/d}}",
+            "1538Mi",
+        ),
+        (
+            "tiers: {disk: {size: 1T, hostPath: /var/lib/nencache/d}}",
+            "3399Mi",
+        ),
+    ] {
+        assert_eq!(agent_memory(&built(&with_spec(spec))).0, mem, "{spec}");
+    }
+    // Resources from the spec are taken as they are.
+    let r = built(&with_spec(
+        "{tiers: {nvme: {size: 1Ti, hostPath: /var/lib/nencache/n}}, \
+         resources: {requests: {memory: 3Gi}, limits: {memory: 3Gi}}}",
+    ));
+    assert_eq!(agent_memory(&r), ("3Gi".to_string(), "3Gi".to_string()));
+}
+
+#[test]
+fn storage_tiers_give_the_agent_time_to_write_them_at_shutdown() {
+    let grace = |spec: &str| {
+        let r = built(&with_spec(spec));
+        pod(&r).termination_grace_period_seconds.unwrap()
+    };
+    let nvme = "nvme: {size: 1Gi, hostPath: /var/lib/nencache/n}";
+    let disk = "disk: {size: 1Gi, hostPath: /var/lib/nencache/d}";
+    let agent_grace = |spec: &str| {
+        agent_yaml(&built(&with_spec(spec)))["shutdown_grace"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    for (spec, seconds) in [
+        ("{}".to_string(), 30),
+        ("terminationGracePeriodSeconds: 45".into(), 45),
+        // Never below the agent's default 10 s drain and 10 s to exit.
+        ("terminationGracePeriodSeconds: 0".into(), 20),
+        (format!("tiers: {{{nvme}}}"), 60),
+        (format!("tiers: {{{disk}}}"), 60),
+        (format!("tiers: {{{nvme}, {disk}}}"), 60),
+        (
+            format!("{{tiers: {{{nvme}}}, terminationGracePeriodSeconds: 30}}"),
+            60,
+        ),
+        (
+            format!("{{tiers: {{{disk}}}, terminationGracePeriodSeconds: 300}}"),
+            300,
+        ),
+    ] {
+        assert_eq!(grace(&spec), seconds, "{spec}");
+        // The agent drains and writes down within its own grace, which ends 10 s before the
+        // kubelet's SIGKILL, leaving time to flush the tiers and exit.
+        assert_eq!(agent_grace(&spec), format!("{}s", seconds - 10), "{spec}");
     }
 }
 
@@ -200,10 +663,6 @@ fn invalid_specs_are_refused_with_the_field_named() {
     let cases = [
         ("tiers: {host: {size: lots}}", "tiers.host.size"),
         ("tiers: {host: {size: 1Mi}}", "at least 64Mi"),
-        (
-            "tiers: {nvme: {size: 1Ti, hostPath: /mnt/nvme}}",
-            "tiers.nvme",
-        ),
         ("peers: {enabled: true, tlsSecret: peers-tls}", "peers"),
         ("compat: {redisPort: 6379}", "compat"),
         ("socketDir: run/nencache", "absolute"),
@@ -212,10 +671,17 @@ fn invalid_specs_are_refused_with_the_field_named() {
         let err = validate(&with_spec(spec), &Policy::default()).unwrap_err();
         assert!(err.to_string().contains(needle), "{spec}: {err}");
     }
-    assert!(matches!(
-        validate(&with_spec("tiers: {gpu: {size: 4Gi}}"), &Policy::default()),
-        Err(SpecError::Unsupported(_))
-    ));
+    // What the agent still lacks stays refused.
+    for (spec, what) in [
+        ("tiers: {gpu: {size: 4Gi}}", "tiers.gpu"),
+        ("tiers: {host: {hugePages: true}}", "tiers.host.hugePages"),
+    ] {
+        assert_eq!(
+            validate(&with_spec(spec), &Policy::default()),
+            Err(SpecError::Unsupported(what)),
+            "{spec}"
+        );
+    }
 }
 
 #[test]
@@ -351,6 +817,8 @@ fn a_change_of_the_agent_configuration_changes_the_pod_template() {
     for changed in [
         "logLevel: debug",
         "tiers: {host: {size: 2Gi}}",
+        "tiers: {nvme: {size: 1Gi, hostPath: /var/lib/nencache/nvme}}",
+        "tiers: {disk: {size: 1Gi, hostPath: /var/lib/nencache/disk}}",
         "metrics: {port: 9999}",
         "socketDir: /run/nencache/b",
     ] {

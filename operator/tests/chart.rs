@@ -12,6 +12,10 @@ mod common;
 use std::{path::Path, process::Command};
 
 use common::tools;
+use nencache_operator::{
+    build::{Policy, validate},
+    crd::NenCacheCluster,
+};
 use serde_json::Value;
 
 const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/nencache");
@@ -26,6 +30,12 @@ const VALUE_SETS: &[(&str, &[&str])] = &[
             "cluster.enabled=true",
             "cluster.name=cache",
             "cluster.spec.tiers.host.size=8Gi",
+            "cluster.spec.tiers.nvme.size=64Gi",
+            "cluster.spec.tiers.nvme.hostPath=/var/lib/nencache/nvme",
+            "cluster.spec.tiers.nvme.ioEngine=pread",
+            "cluster.spec.tiers.disk.size=1Ti",
+            "cluster.spec.tiers.disk.hostPath=/var/lib/nencache/disk",
+            "cluster.spec.terminationGracePeriodSeconds=90",
             "cluster.spec.metrics.serviceMonitor=true",
             "dashboard.enabled=true",
         ],
@@ -143,6 +153,12 @@ fn the_chart_lints_and_renders_valid_objects_with_every_value_set() {
         tools::kubernetes_validate(&files);
         for e in tools::crd_schema_errors(Path::new(CRD), &custom) {
             assert_eq!(e, None, "{name}");
+        }
+        // And the operator runs the cluster the chart creates (with its default policy).
+        for o in objs.iter().filter(|o| o["kind"] == "NenCacheCluster") {
+            let ncc: NenCacheCluster = serde_json::from_value(o.clone()).unwrap();
+            let v = validate(&ncc, &Policy::default());
+            assert!(v.is_ok(), "{name}: {v:?}");
         }
         let kinds: Vec<&str> = objs.iter().map(|o| o["kind"].as_str().unwrap()).collect();
         let has = |k: &str| kinds.contains(&k);

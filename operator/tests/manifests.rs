@@ -34,7 +34,7 @@ fn generated_manifests_pass_strict_kubernetes_validation() {
         "crd.yaml".into(),
         serde_yaml_ng::to_string(&NenCacheCluster::crd()).unwrap(),
     );
-    for fixture in ["minimal.yaml", "full.yaml"] {
+    for fixture in ["minimal.yaml", "full.yaml", "tiers.yaml"] {
         let path = format!("{}/tests/fixtures/{fixture}", env!("CARGO_MANIFEST_DIR"));
         let ncc: NenCacheCluster =
             serde_yaml_ng::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
@@ -76,7 +76,7 @@ fn custom_resource_examples_match_the_crd_schema() {
                 .contains("kind: NenCacheCluster")
         })
         .collect();
-    for fixture in ["minimal.yaml", "full.yaml"] {
+    for fixture in ["minimal.yaml", "full.yaml", "tiers.yaml"] {
         files.push(format!("{}/tests/fixtures/{fixture}", env!("CARGO_MANIFEST_DIR")).into());
     }
     assert!(files.len() >= 4, "{files:?}");
@@ -85,13 +85,18 @@ fn custom_resource_examples_match_the_crd_schema() {
         assert_eq!(error, &None, "{}", file.display());
     }
 
-    // The check can fail: wrong types, bad sizes and unknown enum values are caught.
+    // The check can fail: wrong types, bad sizes, missing fields, unknown enum values and
+    // out-of-range numbers are caught.
     let dir = tempfile::tempdir().unwrap();
     let bad = [
         "spec: {tiers: {host: {size: lots}}}",
         "spec: {imagePullPolicy: Sometimes}",
         "spec: {metrics: {port: 0}}",
         "spec: {tiers: {host: {lockMemory: \"yes\"}}}",
+        "spec: {tiers: {nvme: {size: 8Gi}}}",
+        "spec: {tiers: {nvme: {size: 8Gi, hostPath: /var/lib/nencache/n, ioEngine: uring}}}",
+        "spec: {tiers: {disk: {size: 8GB, hostPath: /var/lib/nencache/d}}}",
+        "spec: {terminationGracePeriodSeconds: -1}",
     ];
     let bad_files: Vec<PathBuf> = bad
         .iter()

@@ -90,8 +90,9 @@ struct Args {
         default_value = "nencache-operator"
     )]
     lease_name: String,
-    /// Host directories a NenCacheCluster's socketDir may be in (or be), comma-separated;
-    /// clusters asking for anything else are refused (ConfigValid=False) and not injected.
+    /// Host directories a NenCacheCluster's socketDir and storage tiers' hostPaths may be in
+    /// (or be), comma-separated; clusters asking for anything else are refused
+    /// (ConfigValid=False) and not injected.
     #[arg(
         long,
         env = "NENCACHE_OPERATOR_HOST_PATH_PREFIXES",
@@ -99,8 +100,9 @@ struct Args {
         default_value = "/run/nencache,/var/lib/nencache"
     )]
     host_path_prefixes: Vec<String>,
-    /// Image of the privileged helper (the agents' init container that hands the socket
-    /// directory to the agent's user); never a cluster's own image.
+    /// Image of the privileged helper (the agents' init containers that hand the socket
+    /// directory and the storage tiers' directories to the agent's user); never a cluster's
+    /// own image.
     #[arg(long, env = "NENCACHE_OPERATOR_HELPER_IMAGE", default_value = DEFAULT_IMAGE)]
     helper_image: String,
     /// Pull policy of the helper image: IfNotPresent, Always or Never.
