@@ -12,8 +12,45 @@
 //!   thread (never under a lock the engine holds).
 //! - A torn or corrupt entry is reported as [`ReadOutcome::Corrupt`] and counted; it is never
 //!   returned as a hit.
+//!
+//! Additions beyond the contract: [`LogStore::indexed`] (what the index holds, e.g. to seed
+//! an upper tier's index after a restart), [`LogStore::set_retry_interval`] (how often a
+//! degraded store probes with a write), [`AlignedBuf`] (4096-aligned memory for values), and,
+//! with the `testing` feature, [`testing`] and `LogStore::open_with_faults`.
+//!
+//! The on-disk layout (superblock, entry, checkpoint) is specified byte for byte in the
+//! `format` module's documentation, reproduced here:
+//!
+#![doc = include_str!("../FORMAT.md")]
+//!
+//! # Modules
+//!
+//! - `format`: on-disk layouts; `region`: the region allocator (FIFO eviction); `index`:
+//!   hash to location; `device`: the I/O engines (`uring`, `pread`, `mmap`) behind one
+//!   batched trait; `recovery`: checkpoint plus scan; `open`: files, lock, superblock;
+//!   `store`: the write and read paths, eviction, tombstones, checkpoints, degradation.
+//!
+//! # Durability
+//!
+//! Writes are durable after [`LogStore::flush`] (which also writes pending tombstones and a
+//! checkpoint). Dropping a store does not flush: it is what a crash looks like, and the next
+//! open recovers by scanning. Removes made since the last write or flush are lost on a drop
+//! without flush (their tombstones were only queued).
 
 use std::path::PathBuf;
+
+mod buf;
+mod device;
+mod format;
+mod index;
+mod open;
+mod recovery;
+mod region;
+mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use buf::{ALIGN, AlignedBuf};
 
 /// Which I/O engine a store uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -213,7 +250,7 @@ pub enum StoreError {
 
 /// The log-structured store. `Send + Sync`: reads run concurrently; writes are serialized.
 pub struct LogStore {
-    _private: (),
+    inner: store::Store,
 }
 
 impl LogStore {
@@ -222,22 +259,43 @@ impl LogStore {
     /// # Errors
     /// See [`StoreError`].
     pub fn open(cfg: StoreConfig) -> Result<(Self, Recovery), StoreError> {
-        let _ = cfg;
-        unimplemented!()
+        let (inner, rec) = store::Store::open(cfg, |d| d)?;
+        Ok((Self { inner }, rec))
+    }
+
+    /// Opens a store whose device operations pass through the fault rules of `faults`
+    /// (switchable while the store runs).
+    ///
+    /// # Errors
+    /// See [`StoreError`].
+    #[cfg(feature = "testing")]
+    pub fn open_with_faults(
+        cfg: StoreConfig,
+        faults: testing::Faults,
+    ) -> Result<(Self, Recovery), StoreError> {
+        let (inner, rec) =
+            store::Store::open(cfg, |d| Box::new(testing::FaultDevice::new(d, faults)))?;
+        Ok((Self { inner }, rec))
     }
 
     /// The I/O engine in use: `"io_uring"`, `"pread"` or `"mmap"`.
     #[must_use]
     pub fn io_engine(&self) -> &'static str {
-        unimplemented!()
+        self.inner.io_engine()
     }
 
     /// Where the entry with this key hash is, from the in-memory index (no I/O). Expired
     /// entries are not returned.
     #[must_use]
     pub fn locate(&self, hash: u128) -> Option<Location> {
-        let _ = hash;
-        unimplemented!()
+        self.inner.locate(hash)
+    }
+
+    /// Every (hash, location) the index holds (expired entries left out), in no order. No
+    /// I/O; takes the index lock for the copy.
+    #[must_use]
+    pub fn indexed(&self) -> Vec<(u128, Location)> {
+        self.inner.indexed()
     }
 
     /// Reads entries into their `dst`, verifying key, sequence number and checksum; fills
@@ -247,8 +305,8 @@ impl LogStore {
     /// Each `dst` must be valid for writes of `loc.value_len` rounded up to 4096 bytes,
     /// 4096-aligned, and not accessed by anything else until this returns.
     pub unsafe fn read(&self, reqs: &mut [ReadReq<'_>]) {
-        let _ = reqs;
-        unimplemented!()
+        // SAFETY: forwarded from this function's contract.
+        unsafe { self.inner.read(reqs) }
     }
 
     /// Appends entries (replacing earlier entries of the same hash); returns each one's
@@ -258,15 +316,14 @@ impl LogStore {
     /// Each `value` must be valid for reads of `value_len` rounded up to 4096 bytes,
     /// 4096-aligned, and not written by anything until this returns.
     pub unsafe fn write(&self, reqs: &[WriteReq<'_>]) -> Vec<Result<Location, StoreError>> {
-        let _ = reqs;
-        unimplemented!()
+        // SAFETY: forwarded from this function's contract.
+        unsafe { self.inner.write(reqs) }
     }
 
     /// Drops the entry with this hash from the index at once (a later `locate` misses) and
     /// queues a tombstone so that it stays gone after a restart. Returns whether it existed.
     pub fn remove(&self, hash: u128) -> bool {
-        let _ = hash;
-        unimplemented!()
+        self.inner.remove(hash)
     }
 
     /// Makes everything written so far durable (pending tombstones, data, a checkpoint).
@@ -274,19 +331,26 @@ impl LogStore {
     /// # Errors
     /// An I/O error (the store is then degraded).
     pub fn flush(&self) -> Result<(), StoreError> {
-        unimplemented!()
+        self.inner.flush()
     }
 
     /// Counters and gauges.
     #[must_use]
     pub fn stats(&self) -> StoreStats {
-        unimplemented!()
+        self.inner.stats()
     }
 
     /// Why the store is degraded, if it is (ENOSPC, I/O errors, a slow device, a deleted or
     /// truncated file).
     #[must_use]
     pub fn degraded(&self) -> Option<String> {
-        unimplemented!()
+        self.inner.degraded()
+    }
+
+    /// How long a degraded store waits between probe writes (default 10 s): while degraded,
+    /// writes are refused except one call per interval, whose success ends the degraded
+    /// state.
+    pub fn set_retry_interval(&self, every: std::time::Duration) {
+        self.inner.set_retry_interval(every);
     }
 }
