@@ -31,6 +31,9 @@ use crate::index::Index;
 
 /// Bytes read at a time while scanning entries of small values.
 const SCAN_CHUNK: usize = 256 * 1024;
+/// After an entry at least this large, the next read is one block (the header alone):
+/// reading past a value costs more than a separate small read from this size on.
+const SMALL_READS_FROM: u64 = 32 * 1024;
 
 /// The store's geometry.
 #[derive(Debug, Clone, Copy)]
@@ -250,7 +253,7 @@ impl<'a> Scanner<'a> {
                     ),
                 ));
             }
-            self.small_reads = size >= (SCAN_CHUNK / 2) as u64;
+            self.small_reads = size >= SMALL_READS_FROM;
             pos += size;
             out.end = pos;
         }

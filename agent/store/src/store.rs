@@ -180,7 +180,7 @@ impl Store {
         } else {
             None
         };
-        let threads = (cfg.queue_depth as usize).clamp(1, 4);
+        let threads = (cfg.queue_depth as usize).clamp(1, 8);
         let rec = recover(&*dev, &layout, ckpt.as_ref(), threads, now_ms());
         let ckpt_next = ckpt.as_ref().map_or(1, |c| c.next_seq);
         drop(ckpt);
@@ -1108,6 +1108,15 @@ impl Store {
     /// See [`crate::LogStore::flush`].
     pub(crate) fn flush(&self) -> Result<(), StoreError> {
         let mut w = self.writer.lock();
+        self.maybe_check(true);
+        {
+            let h = self.health.lock();
+            if h.cause == Some(Cause::Deleted) {
+                // Nothing to make durable: the files are gone (and a checkpoint written next
+                // to them would describe a store that no longer exists).
+                return Err(StoreError::Degraded(h.reason.clone().unwrap_or_default()));
+            }
+        }
         let tombstones: Vec<u128> = self.state.lock().tombstones.drain().collect();
         if !tombstones.is_empty() {
             let mut batch = Vec::new();
@@ -1132,9 +1141,7 @@ impl Store {
                 return Err(StoreError::Degraded(reason));
             }
         }
-        self.checkpoint(&mut w)?;
-        self.maybe_check(true);
-        Ok(())
+        self.checkpoint(&mut w)
     }
 
     /// Syncs the device and writes a checkpoint (the writer lock is held).

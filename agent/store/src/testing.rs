@@ -308,19 +308,6 @@ impl Device for FaultDevice {
     }
 }
 
-impl IoOp {
-    /// A copy of the op's description (kind, offset, buffers), without its result.
-    pub(crate) fn clone_op(&self) -> Self {
-        Self {
-            kind: self.kind,
-            offset: self.offset,
-            iov: self.iov,
-            iovcnt: self.iovcnt,
-            result: Ok(0),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -418,3 +418,44 @@ fn invalid_configurations_are_refused() {
         "nothing is created for a refused configuration"
     );
 }
+
+#[test]
+fn a_deleted_store_degrades_on_flush_and_keeps_serving_reads() {
+    for engine in ENGINES {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = cfg(dir.path(), engine, 4);
+        let store = open(&cfg);
+        let a = put(&store, 1, b"", &value(1, 1, 10_000)).unwrap();
+        if engine == IoEngineKind::Mmap {
+            std::fs::remove_dir_all(&cfg.path).unwrap();
+        } else {
+            std::fs::remove_file(&cfg.path).unwrap();
+        }
+        assert!(
+            matches!(store.flush(), Err(StoreError::Degraded(_))),
+            "{engine:?}"
+        );
+        let why = store.degraded().expect("degraded");
+        assert!(why.contains("deleted"), "{why}");
+        assert!(matches!(
+            put(&store, 2, b"", &value(2, 1, 10)),
+            Err(StoreError::Degraded(_))
+        ));
+        store.set_retry_interval(std::time::Duration::ZERO);
+        assert!(
+            matches!(
+                put(&store, 2, b"", &value(2, 1, 10)),
+                Err(StoreError::Degraded(_))
+            ),
+            "the probe sees it is still gone"
+        );
+        let (o, b, _) = read_at(&store, 1, a);
+        assert_eq!(
+            o,
+            ReadOutcome::Hit,
+            "{engine:?}: the open descriptor still reads"
+        );
+        assert!(b == value(1, 1, 10_000)[..]);
+        assert!(!ckpt_path(&cfg).exists());
+    }
+}

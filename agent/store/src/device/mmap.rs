@@ -1,13 +1,16 @@
 //! Memory-mapped engine (T3): one segment file per region, `seg-RRRRRR.dat` in the store's
-//! directory, each exactly `region_size` bytes, mapped shared in full. I/O is a copy between
-//! the caller's buffers and the mapping; [`Device::sync`] is `msync` of the segments written
-//! since the last one (plus an fsync of the directory after new segment files).
+//! directory, each exactly `region_size` bytes and mapped shared in full. Reads copy from the
+//! mapping into the caller's buffer; writes go through `pwritev` on the segment file into the
+//! same page cache the mapping shows (as LMDB does by default: whole pages are written
+//! without faulting each one in first, and a failed write is an error, never a signal).
+//! [`Device::sync`] is `fdatasync` of the segments written since the last one (plus an fsync
+//! of the directory after new segment files).
 //!
 //! Every segment is preallocated with `fallocate` when its region is allocated for appending,
-//! so a full filesystem fails that allocation (an error, the store degrades) instead of
-//! raising SIGBUS on a store into a hole of the mapping. Before each copy the segment's
-//! length is checked with `fstat`: a segment truncated under the store makes the read short
-//! (a miss or corrupt entry) or the write fail, not a crash.
+//! so a full filesystem fails that allocation (an error; the store degrades) rather than a
+//! later write. Before each copy out of the mapping the segment's length is checked with
+//! `fstat`: a segment truncated under the store makes the read short (a corrupt or missing
+//! entry), not a crash.
 //!
 //! Residual race: a segment truncated by another process *between* that `fstat` and the end
 //! of the copy still raises SIGBUS (the kernel gives a mapping no way to fail a single
@@ -15,13 +18,18 @@
 //! takes a process that ignores the lock and shrinks a segment while the store copies from
 //! it; the check narrows the window to the copy itself.
 //!
-//! Reads of a region race with its reuse the same way as on T2: a copy may see a mix of old
-//! and new bytes, which the entry checks (seq, checksums) reject; the store then reports a
-//! miss because the index no longer holds the entry.
+//! The mappings are advised `MADV_RANDOM` (no read-around on a fault: with a large device
+//! readahead one header would pull in a whole segment) and each read first advises
+//! `MADV_WILLNEED` over its exact range, so a cold read is one request for its bytes.
+//!
+//! Reads of a region race with its reuse as on T2: a copy may see a mix of old and new
+//! bytes (a racy copy of shared file pages, validated afterwards like a seqlock read), which
+//! the entry checks (seq, checksums) reject; the store then reports a miss because the index
+//! no longer holds the entry.
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -100,6 +108,11 @@ impl MmapDevice {
         let map = MmapOptions::new()
             .len(self.region_size as usize)
             .map_raw(&file)?;
+        // No read-around on faults: with a large device readahead, touching one header would
+        // read a whole segment. Reads ask for their exact range instead (see `one`).
+        if let Err(e) = map.advise(memmap2::Advice::Random) {
+            tracing::debug!(error = %e, "madvise(MADV_RANDOM) failed");
+        }
         Ok(Segment {
             file,
             path,
@@ -163,6 +176,25 @@ impl MmapDevice {
                 len
             }
         };
+        if op.kind == OpKind::Write {
+            // Through the page cache with pwritev (the mapping sees the same pages): whole
+            // pages are written without faulting each one in, and a failure is an error, not
+            // a signal.
+            let seg_op = IoOp {
+                offset: off,
+                ..op.clone_op()
+            };
+            let done = super::rw_sync(seg.file.as_raw_fd(), &seg_op, 0)?;
+            seg.dirty.store(true, Ordering::Release);
+            return Ok(done);
+        }
+        if n > 0 {
+            // Start reading the whole range at once (a no-op for cached pages), rather than
+            // one page per fault.
+            let _ = seg
+                .map
+                .advise_range(memmap2::Advice::WillNeed, off as usize, n);
+        }
         let mut pos = off as usize;
         let mut left = n;
         for v in &op.iov[..op.iovcnt] {
@@ -172,22 +204,14 @@ impl MmapDevice {
             let take = v.iov_len.min(left);
             // SAFETY: `pos + take <= off + n <= region_size`, the mapping's length, and the
             // file is at least that long (checked just above; see the module docs for the
-            // race that remains). The iovec is valid for `take` bytes per the submit
-            // contract, and it does not overlap the mapping (caller memory is not ours).
+            // race that remains). The iovec is valid for writes of `take` bytes per the
+            // submit contract, and it does not overlap the mapping (caller memory).
             unsafe {
-                let m = seg.map.as_mut_ptr().add(pos);
-                match op.kind {
-                    OpKind::Read => std::ptr::copy_nonoverlapping(m, v.iov_base.cast::<u8>(), take),
-                    OpKind::Write => {
-                        std::ptr::copy_nonoverlapping(v.iov_base.cast::<u8>(), m, take)
-                    }
-                }
+                let m = seg.map.as_ptr().add(pos);
+                std::ptr::copy_nonoverlapping(m, v.iov_base.cast::<u8>(), take);
             }
             pos += take;
             left -= take;
-        }
-        if op.kind == OpKind::Write {
-            seg.dirty.store(true, Ordering::Release);
         }
         Ok(n)
     }
@@ -208,7 +232,7 @@ impl Device for MmapDevice {
         let segs: Vec<Arc<Segment>> = self.segs.read().iter().flatten().cloned().collect();
         for s in segs {
             if s.dirty.swap(false, Ordering::AcqRel)
-                && let Err(e) = s.map.flush()
+                && let Err(e) = s.file.sync_data()
             {
                 s.dirty.store(true, Ordering::Release);
                 return Err(e);

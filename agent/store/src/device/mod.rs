@@ -73,6 +73,17 @@ impl IoOp {
         }
     }
 
+    /// A copy of the op's description (kind, offset, buffers), without its result.
+    pub(crate) fn clone_op(&self) -> Self {
+        Self {
+            kind: self.kind,
+            offset: self.offset,
+            iov: self.iov,
+            iovcnt: self.iovcnt,
+            result: Ok(0),
+        }
+    }
+
     /// Bytes the op covers.
     pub(crate) fn len(&self) -> usize {
         self.iov[..self.iovcnt].iter().map(|v| v.iov_len).sum()
