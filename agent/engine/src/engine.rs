@@ -50,12 +50,12 @@ use crate::{
     alloc::{Extent, ExtentAllocator},
     error::{EngineError, Result},
     index::RobinHoodIndex,
-    key::{checksum, key_hash, validate_key},
+    key::{checksum, validate_key},
     policy::Policy,
     shm::SharedRegion,
     slab::{self, NIL, Slab},
 };
-pub use lower::{Get, LowerTier, PendingGet, TierStats};
+pub use lower::{Get, LowerTier, PendingGet, TierStats, lower_hash};
 
 /// Identifies a client session: the low 32 bits index a table, the high 32 bits are random.
 pub type SessionId = u64;
@@ -482,9 +482,9 @@ impl Engine {
             let tier = if st.find_live(&self.arena, k, now).is_some() {
                 Tier::Host
             } else {
-                match self.locate_lower(&st, key_hash(k, st.seed)) {
-                    Some((i, loc)) if loc.key_len as usize == k.len() => self.lower[i].tier,
-                    _ => break,
+                match self.locate_lower(&st, k) {
+                    Some((i, ..)) => self.lower[i].tier,
+                    None => break,
                 }
             };
             tiers.push(tier);
@@ -526,7 +526,7 @@ impl Engine {
         for it in items {
             if !it.overwrite
                 && (st.find_live(&self.arena, it.key, now).is_some()
-                    || self.locate_lower(&st, key_hash(it.key, st.seed)).is_some())
+                    || self.locate_lower(&st, it.key).is_some())
             {
                 out.push(Reserved::Exists);
                 continue;
@@ -635,11 +635,9 @@ impl Engine {
         let mut out = Vec::with_capacity(plan.len());
         for (&(id, ..), good) in plan.iter().zip(ok) {
             if good {
-                if let Some(hash) = st.publish(id, now)
-                    && !self.lower.is_empty()
-                {
+                if let Some(e) = st.publish(id, now) {
                     // An older copy in a lower tier must not come back.
-                    self.remove_lower(hash);
+                    self.remove_lower_entry(&st, e);
                 }
                 out.push(Committed::Done);
             } else {
@@ -723,7 +721,7 @@ impl Engine {
                 found = true;
             }
             if !self.lower.is_empty() {
-                found |= self.remove_lower(key_hash(k, st.seed));
+                found |= self.remove_lower(lower::lower_hash(k));
             }
             if found {
                 st.stats.deletes += 1;
@@ -823,6 +821,7 @@ fn check_unique(ids: &[u64]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::key_hash;
 
     const PAGE: u64 = 4096;
 

@@ -124,6 +124,8 @@ fn values_evicted_from_host_memory_come_back_from_the_lower_tier() {
             "the oldest key lives below host memory"
         );
         for i in 0..n {
+            // As the agent's demoter thread does, between gets that promote.
+            while e.demote() > 0 {}
             let (bytes, meta) =
                 get(&e, s, &key(i)).unwrap_or_else(|| panic!("{tier:?}/{io:?}: key {i} lost"));
             assert!(

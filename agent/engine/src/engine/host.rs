@@ -349,9 +349,9 @@ impl State {
         }
     }
 
-    /// Publishes a committed reservation; returns the key's hash (`None` if the
-    /// reservation is gone).
-    pub(super) fn publish(&mut self, id: u64, now: u64) -> Option<u128> {
+    /// Publishes a committed reservation; returns its entry (`None` if the reservation is
+    /// gone).
+    pub(super) fn publish(&mut self, id: u64, now: u64) -> Option<u32> {
         let r = self.reservations.remove(id)?;
         self.unlink_reservation(&r);
         self.staging.free(r.staging);
@@ -373,7 +373,7 @@ impl State {
         }
         self.policy.insert(e, hash, u64::from(pages) * self.page);
         self.stats.commits += 1;
-        Some(hash)
+        Some(e)
     }
 
     /// Takes a live entry out of the index (the caller has unlinked it from the policy).

@@ -104,6 +104,15 @@ impl LowerTier for LogStore {
     }
 }
 
+/// The hash lower tiers index a key by: XXH3-128 with seed 0, the same in every agent and
+/// after every restart (the host index's hash is seeded per engine, so it cannot be stored).
+/// The key itself is compared when an entry is read, so a collision is a miss, never
+/// another key's value.
+#[must_use]
+pub fn lower_hash(key: &[u8]) -> u128 {
+    key_hash(key, 0)
+}
+
 /// Least time between two demotion rounds that found nothing to write.
 const DEMOTER_SPACING: Duration = Duration::from_millis(5);
 
@@ -160,6 +169,7 @@ struct Load {
     entry: u32,
     /// Index of the tier in [`Engine::lower`].
     tier: usize,
+    /// The key's [`lower_hash`].
     hash: u128,
     loc: Location,
     key: Vec<u8>,
@@ -226,7 +236,10 @@ impl Drop for PendingGet {
 struct Demotion {
     entry: u32,
     tier: usize,
+    /// The key's [`lower_hash`].
     hash: u128,
+    /// The entry's host index hash.
+    host_hash: u128,
     offset: usize,
     value_len: u64,
     key_len: usize,
@@ -258,15 +271,39 @@ impl Engine {
             .collect()
     }
 
-    /// The first lower tier holding `hash`, with its location.
-    pub(super) fn locate_lower(&self, st: &State, hash: u128) -> Option<(usize, Location)> {
-        if st.demoting_doomed.contains(&hash) {
+    /// The first lower tier holding `key`: its index, the entry's location, and the key's
+    /// [`lower_hash`]. A key whose host entry was deleted or replaced while being demoted
+    /// is absent here until that demotion has removed its copy.
+    pub(super) fn locate_lower(&self, st: &State, key: &[u8]) -> Option<(usize, Location, u128)> {
+        if self.lower.is_empty()
+            || (!st.demoting_doomed.is_empty()
+                && st.demoting_doomed.contains(&key_hash(key, st.seed)))
+        {
             return None;
         }
-        self.lower
-            .iter()
-            .enumerate()
-            .find_map(|(i, l)| l.store.locate(hash).map(|loc| (i, loc)))
+        let hash = lower_hash(key);
+        self.lower.iter().enumerate().find_map(|(i, l)| {
+            l.store
+                .locate(hash)
+                .filter(|loc| loc.key_len as usize == key.len())
+                .map(|loc| (i, loc, hash))
+        })
+    }
+
+    /// The [`lower_hash`] of the key of host entry `e` (read from the arena).
+    fn entry_lower_hash(&self, st: &State, e: u32) -> u128 {
+        let ent = &st.entries[e as usize];
+        let off = u64::from(ent.extent.start) * self.page + ent.value_len;
+        // SAFETY: the entry's key was written before it was published or loaded, and a key
+        // is never rewritten while its entry holds the extent.
+        lower_hash(unsafe { self.arena.slice(off as usize, usize::from(ent.key_len)) })
+    }
+
+    /// Drops the key of host entry `e` from every lower tier (it was just replaced).
+    pub(super) fn remove_lower_entry(&self, st: &State, e: u32) {
+        if !self.lower.is_empty() {
+            self.remove_lower(self.entry_lower_hash(st, e));
+        }
     }
 
     /// Drops `hash` from every lower tier (a put or delete of the key). Returns whether any
@@ -345,16 +382,11 @@ impl Engine {
                 }
             }
             out.push(None);
-            if self.lower.is_empty() {
-                st.stats.misses += 1;
-                continue;
-            }
-            let hash = key_hash(k, st.seed);
-            let Some((tier, loc)) = self.locate_lower(&st, hash) else {
+            let Some((tier, loc, hash)) = self.locate_lower(&st, k) else {
                 st.stats.misses += 1;
                 continue;
             };
-            if loc.key_len as usize != k.len() || loc.value_len > self.cfg.limits.max_value {
+            if loc.value_len > self.cfg.limits.max_value {
                 st.stats.misses += 1;
                 continue;
             }
@@ -362,7 +394,8 @@ impl Engine {
             match st.make_room(pages_for(total, self.page), now) {
                 Ok(extent) => {
                     st.finish_reserve(now);
-                    let entry = st.new_loading(hash, extent, loc, k.len());
+                    let host_hash = key_hash(k, st.seed);
+                    let entry = st.new_loading(host_hash, extent, loc, k.len());
                     loads.push(Load {
                         slot,
                         entry,
@@ -455,11 +488,9 @@ impl Engine {
         let mut failed = None;
         for l in &loads {
             let lower = &self.lower[l.tier];
-            let still_there = lower
-                .store
-                .locate(l.hash)
-                .is_some_and(|loc| loc.seq == l.loc.seq)
-                && !st.demoting_doomed.contains(&l.hash);
+            let still_there = self
+                .locate_lower(&st, &l.key)
+                .is_some_and(|(t, loc, _)| t == l.tier && loc.seq == l.loc.seq);
             let fresh = l.outcome == ReadOutcome::Hit
                 && still_there
                 && l.metadata.len() == l.loc.meta_len as usize
@@ -550,7 +581,7 @@ impl Engine {
                 if ent.lower != 0
                     && self.lower[ent.lower as usize - 1]
                         .store
-                        .locate(ent.hash)
+                        .locate(self.entry_lower_hash(&st, e))
                         .is_some()
                 {
                     continue;
@@ -580,12 +611,14 @@ impl Engine {
 
     fn pin_for_demotion(&self, st: &mut State, e: u32, tier: usize, now: u64) -> Demotion {
         st.pin(e);
+        let hash = self.entry_lower_hash(st, e);
         let ent = &mut st.entries[e as usize];
         ent.demoting = true;
         Demotion {
             entry: e,
             tier,
-            hash: ent.hash,
+            hash,
+            host_hash: ent.hash,
             offset: (u64::from(ent.extent.start) * self.page) as usize,
             value_len: ent.value_len,
             key_len: usize::from(ent.key_len),
@@ -665,7 +698,7 @@ impl Engine {
                 }
             }
             if !live {
-                st.demoting_doomed.remove(&d.hash);
+                st.demoting_doomed.remove(&d.host_hash);
             }
             st.unpin(d.entry);
         }
