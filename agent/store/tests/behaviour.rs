@@ -123,7 +123,7 @@ fn now_ms() -> u64 {
 
 #[test]
 fn expired_entries_are_hidden_and_not_recovered() {
-    for engine in [IoEngineKind::IoUring, IoEngineKind::Mmap] {
+    for engine in ENGINES {
         let dir = tempfile::tempdir().unwrap();
         let cfg = cfg(dir.path(), engine, 4);
         let (store, _) = LogStore::open(cfg.clone()).unwrap();

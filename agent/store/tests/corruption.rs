@@ -120,6 +120,29 @@ fn a_file_truncated_mid_entry_while_closed_never_serves_it() {
         assert!(store.locate(2).is_none());
         assert_eq!(get(&store, 1).unwrap().0, ReadOutcome::Hit);
     }
+    // T3: a segment cut short is not mapped at open; its region's entries are gone, not
+    // served, and the region is used again later.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = cfg(dir.path(), IoEngineKind::Mmap, 4);
+    let store = open(&cfg);
+    put(&store, 1, b"", &value(1, 1, 10_000)).unwrap();
+    let b = put(&store, 2, b"", &value(2, 1, 10_000)).unwrap();
+    drop(store);
+    let (seg, pos) = file_pos(&cfg, b.offset);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .set_len(pos + 4096 + 100)
+        .unwrap();
+    let (store, rec) = LogStore::open(cfg.clone()).unwrap();
+    assert_eq!(rec.entries, 0);
+    assert!(store.locate(1).is_none() && store.locate(2).is_none());
+    assert_eq!(read_at(&store, 2, b).0, ReadOutcome::Miss);
+    for h in 10..40u128 {
+        put(&store, h, b"", &value(h, 1, 200_000)).unwrap();
+    }
+    assert_eq!(get(&store, 39).unwrap().0, ReadOutcome::Hit);
 }
 
 fn cfg_in(dir: &std::path::Path, engine: IoEngineKind) -> nencache_store::StoreConfig {
@@ -169,7 +192,7 @@ fn truncation_under_an_open_store_degrades_it_and_never_crashes() {
 
 #[test]
 fn an_unknown_format_version_is_refused_naming_path_and_versions() {
-    for engine in [IoEngineKind::IoUring, IoEngineKind::Mmap] {
+    for engine in ENGINES {
         let dir = tempfile::tempdir().unwrap();
         let cfg = cfg(dir.path(), engine, 4);
         drop(open(&cfg));
@@ -260,7 +283,7 @@ fn a_second_open_is_locked() {
 
 #[test]
 fn a_changed_layout_starts_empty_and_says_why() {
-    for engine in [IoEngineKind::Pread, IoEngineKind::Mmap] {
+    for engine in ENGINES {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = cfg(dir.path(), engine, 4);
         let store = open(&cfg);

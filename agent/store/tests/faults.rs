@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::*;
 use nencache_store::testing::{FaultOp, FaultRule, Faults};
-use nencache_store::{IoEngineKind, LogStore, ReadOutcome, StoreConfig, StoreError};
+use nencache_store::{LogStore, ReadOutcome, StoreConfig, StoreError};
 
 fn open(cfg: &StoreConfig) -> (LogStore, Faults) {
     let faults = Faults::new();
@@ -233,7 +233,7 @@ fn a_batch_torn_by_a_failed_write_never_serves_the_hole() {
 
 #[test]
 fn a_failed_tombstone_is_written_again() {
-    for engine in [IoEngineKind::IoUring, IoEngineKind::Mmap] {
+    for engine in ENGINES {
         let dir = tempfile::tempdir().unwrap();
         let cfg = cfg(dir.path(), engine, 4);
         let (store, faults) = open(&cfg);

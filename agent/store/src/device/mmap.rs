@@ -159,9 +159,17 @@ impl MmapDevice {
         let (r, off) = self
             .place(op.offset, len)
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
-        let seg = self.segs.read()[r as usize]
-            .clone()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "segment file missing"))?;
+        let Some(seg) = self.segs.read()[r as usize].clone() else {
+            // No segment: nothing was ever stored there (a read is short, like one past the
+            // end of a file); regions are allocated, and so mapped, before any write.
+            return match op.kind {
+                OpKind::Read => Ok(0),
+                OpKind::Write => Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "segment file missing",
+                )),
+            };
+        };
         let file_len = rustix::fs::fstat(seg.file.as_fd())?.st_size.max(0) as u64;
         let avail = file_len.min(self.region_size).saturating_sub(off) as usize;
         let n = match op.kind {
