@@ -107,6 +107,9 @@ struct State {
     next_seq: u64,
     /// Removed hashes whose tombstones are not written yet.
     tombstones: HashSet128,
+    /// Hashes removed since the current write call took the queued tombstones: an entry of
+    /// one of them that this call writes lost a race with the remove and is not indexed.
+    removed_meanwhile: HashSet128,
     /// Hot entries taken out of an evicted region and not yet rewritten.
     reinserting: HashSet128,
 }
@@ -221,6 +224,7 @@ impl Store {
                 regions,
                 next_seq,
                 tombstones: HashSet128::default(),
+                removed_meanwhile: HashSet128::default(),
                 reinserting: HashSet128::default(),
             }),
             writer: Mutex::new(Writer {
@@ -288,6 +292,7 @@ impl Store {
         };
         if existed {
             st.tombstones.insert(hash);
+            st.removed_meanwhile.insert(hash);
         }
         existed
     }
@@ -466,7 +471,11 @@ impl Store {
         };
         let io_errors_before = self.c.io_errors.load(Ordering::Relaxed);
         let mut batch: Vec<Item> = Vec::new();
-        let tombstones: Vec<u128> = self.state.lock().tombstones.drain().collect();
+        let tombstones: Vec<u128> = {
+            let mut st = self.state.lock();
+            st.removed_meanwhile.clear();
+            st.tombstones.drain().collect()
+        };
         let mut failed = false;
         for (i, &h) in tombstones.iter().enumerate() {
             // SAFETY: a tombstone references no caller memory.
@@ -858,10 +867,12 @@ impl Store {
                 if op.complete() {
                     match it.kind {
                         ItemKind::Req(i) => {
-                            // A tombstone queued now was queued by a remove() that ran while
-                            // this entry was being written: the remove wins (its tombstone is
-                            // written later, with a larger seq).
-                            if !st.tombstones.contains(&it.hash) {
+                            // A remove() that ran while this entry was being written wins
+                            // (its tombstone is written later, with a larger seq).
+                            if !st.removed_meanwhile.contains(&it.hash) {
+                                // A tombstone still queued for the hash is one of this call
+                                // that failed; this newer entry supersedes what it deletes.
+                                st.tombstones.remove(&it.hash);
                                 st.index.insert(it.hash, it.loc);
                                 st.regions
                                     .get_mut(it.region)
@@ -1117,7 +1128,11 @@ impl Store {
                 return Err(StoreError::Degraded(h.reason.clone().unwrap_or_default()));
             }
         }
-        let tombstones: Vec<u128> = self.state.lock().tombstones.drain().collect();
+        let tombstones: Vec<u128> = {
+            let mut st = self.state.lock();
+            st.removed_meanwhile.clear();
+            st.tombstones.drain().collect()
+        };
         if !tombstones.is_empty() {
             let mut batch = Vec::new();
             let mut results: Results = Vec::new();

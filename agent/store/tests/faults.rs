@@ -255,3 +255,36 @@ fn a_failed_tombstone_is_written_again() {
         assert!(store.locate(3).is_some());
     }
 }
+
+#[test]
+fn a_remove_during_a_write_of_the_same_key_wins() {
+    for engine in ENGINES {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = cfg(dir.path(), engine, 4);
+        let (store, faults) = open(&cfg);
+        put(&store, 1, b"", &value(1, 1, 5000)).unwrap();
+        // The next write is held at the device long enough for a remove to run meanwhile
+        // (the remove waits until the write has reached the device; no timing is asserted).
+        faults.add(FaultRule::delay(FaultOp::Write, Duration::from_millis(300)).times(1));
+        let seen = faults.seen(FaultOp::Write);
+        std::thread::scope(|s| {
+            let w = s.spawn(|| put(&store, 1, b"", &value(1, 2, 5000)).unwrap());
+            while faults.seen(FaultOp::Write) == seen {
+                std::thread::yield_now();
+            }
+            assert!(store.remove(1), "the old entry was there");
+            w.join().unwrap();
+        });
+        assert!(
+            store.locate(1).is_none(),
+            "{engine:?}: the remove came last"
+        );
+        store.flush().unwrap();
+        drop(store);
+        let (store, _) = LogStore::open(cfg.clone()).unwrap();
+        assert!(
+            store.locate(1).is_none(),
+            "{engine:?}: and stays last after a restart"
+        );
+    }
+}
