@@ -136,7 +136,7 @@ async fn killed_agents_serve_every_entry_written_or_nothing() {
         // throughout, so kills land in the middle of device writes.
         let mut agent = start(&dir, io, "8MiB");
         let mut written: Vec<u64> = Vec::new();
-        for round in 0..rounds {
+        for _ in 0..rounds {
             let attempted = Arc::new(Mutex::new(Vec::new()));
             let client = agent.client().await;
             let load = {
