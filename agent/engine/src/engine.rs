@@ -248,6 +248,27 @@ impl Engine {
     /// # Errors
     /// An invalid configuration, or shared memory that cannot be created.
     pub fn new(cfg: EngineConfig) -> Result<Self> {
+        Self::build(cfg, None)
+    }
+
+    /// As [`Engine::new`], with the lower tiers' stores given instead of opened from
+    /// `cfg.tiers` (one per entry, in the same order; the entries still give each tier's
+    /// kind and admission): stores opened another way, e.g. over a fault-injecting device.
+    ///
+    /// # Errors
+    /// As [`Engine::new`], or a count of stores that does not match `cfg.tiers`.
+    pub fn with_stores(cfg: EngineConfig, stores: Vec<Box<dyn LowerTier>>) -> Result<Self> {
+        if stores.len() != cfg.tiers.len() {
+            return Err(EngineError::Config(format!(
+                "{} stores given for {} tiers",
+                stores.len(),
+                cfg.tiers.len()
+            )));
+        }
+        Self::build(cfg, Some(stores))
+    }
+
+    fn build(cfg: EngineConfig, stores: Option<Vec<Box<dyn LowerTier>>>) -> Result<Self> {
         cfg.validate()?;
         let page = u64::from(cfg.host.page_size);
         let arena_pages = (cfg.host.capacity / page) as u32;
@@ -320,7 +341,15 @@ impl Engine {
             demoting_doomed: HashSet::new(),
             cfg: cfg.clone(),
         };
-        let lower = lower::open_tiers(&cfg)?;
+        let lower = match stores {
+            None => lower::open_tiers(&cfg)?,
+            Some(stores) => cfg
+                .tiers
+                .iter()
+                .zip(stores)
+                .map(|(t, store)| lower::Lower::new(t.tier, t.admission, store))
+                .collect(),
+        };
         state.has_lower = !lower.is_empty();
         let epoch = Instant::now();
         let unix_epoch_ms = SystemTime::now()

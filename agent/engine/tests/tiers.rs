@@ -268,3 +268,121 @@ fn a_dropped_pending_get_frees_its_extents() {
         }
     }
 }
+
+/// An engine over one NVMe-style tier whose device goes through `faults`.
+fn faulty_engine(
+    dir: &Path,
+    io: IoEngineKind,
+    pages: u64,
+    faults: &nencache_store::testing::Faults,
+) -> Engine {
+    let t = tier_config(dir, Tier::Nvme, io);
+    let (store, _) =
+        nencache_store::LogStore::open_with_faults(t.store.clone(), faults.clone()).expect("store");
+    Engine::with_stores(
+        EngineConfig {
+            limits: Limits {
+                max_value: 64 << 10,
+                ..Limits::default()
+            },
+            host: HostConfig {
+                capacity: pages * PAGE,
+                staging: 64 * PAGE,
+                ..HostConfig::default()
+            },
+            tiers: vec![t],
+            demotion: DemotionConfig {
+                clean_percent: 50,
+                queue_bytes: 1 << 20,
+            },
+        },
+        vec![Box::new(store)],
+    )
+    .expect("engine")
+}
+
+#[test]
+fn a_slow_device_never_holds_up_host_hits() {
+    use nencache_store::testing::{FaultOp, FaultRule, Faults};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    for io in [IoEngineKind::IoUring, IoEngineKind::Pread] {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let e = engine(dir.path(), Tier::Nvme, io, 512);
+            let s = e.open_session().unwrap();
+            put(&e, s, b"below", &value(1, 30_000), b"");
+            e.persist(Instant::now() + Duration::from_secs(30));
+        }
+        let faults = Faults::new();
+        let e = Arc::new(faulty_engine(dir.path(), io, 512, &faults));
+        let s = e.open_session().unwrap();
+        put(&e, s, b"host", &value(2, 30_000), b"");
+        let reads = faults.seen(FaultOp::Read);
+        faults.add(FaultRule::delay(FaultOp::Read, Duration::from_secs(2)));
+        let done = Arc::new(AtomicBool::new(false));
+        let slow = {
+            let (e, done) = (e.clone(), done.clone());
+            std::thread::spawn(move || {
+                let s = e.open_session().unwrap();
+                let got = get(&e, s, b"below");
+                done.store(true, Ordering::SeqCst);
+                got
+            })
+        };
+        while faults.seen(FaultOp::Read) == reads {
+            std::thread::yield_now();
+        }
+        // The slow read is in flight: host hits, lookups and puts go on meanwhile.
+        let (bytes, _) = get(&e, s, b"host").expect("host hit");
+        assert!(bytes == value(2, 30_000));
+        assert_eq!(
+            e.lookup(&[b"below".as_slice()]).unwrap().tiers,
+            [Tier::Nvme]
+        );
+        put(&e, s, b"another", &value(3, 1000), b"");
+        assert!(
+            !done.load(Ordering::SeqCst),
+            "{io:?}: host calls finished while the device read was still delayed"
+        );
+        let (bytes, _) = slow.join().unwrap().expect("the slow read completes");
+        assert!(bytes == value(1, 30_000), "{io:?}");
+    }
+}
+
+#[test]
+fn a_failing_device_degrades_its_tier_and_host_memory_keeps_serving() {
+    use nencache_store::testing::{FaultOp, FaultRule, Faults};
+    const EIO: i32 = 5;
+    for io in [IoEngineKind::IoUring, IoEngineKind::Pread] {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let e = engine(dir.path(), Tier::Nvme, io, 512);
+            let s = e.open_session().unwrap();
+            put(&e, s, b"below", &value(1, 30_000), b"");
+            e.persist(Instant::now() + Duration::from_secs(30));
+        }
+        let faults = Faults::new();
+        let e = faulty_engine(dir.path(), io, 64, &faults);
+        let s = e.open_session().unwrap();
+        faults.add(FaultRule::fail(FaultOp::Read, EIO));
+        faults.add(FaultRule::fail(FaultOp::Write, EIO));
+        // A read that fails is a miss, never an error or wrong bytes.
+        assert!(get(&e, s, b"below").is_none(), "{io:?}");
+        // Demotion's writes fail: the tier is degraded; host memory goes on.
+        for i in 0..100 {
+            put(&e, s, &key(i), &value(i, 20_000), b"");
+            while e.demote() > 0 {}
+        }
+        let ts = &e.tier_stats()[0];
+        assert!(ts.degraded.is_some(), "{io:?}: {ts:?}");
+        assert!(ts.store.io_errors > 0, "{ts:?}");
+        assert!(e.stats().evictions_unsaved > 0, "{:?}", e.stats());
+        let (bytes, _) = get(&e, s, &key(99)).expect("the newest value is in host memory");
+        assert!(bytes == value(99, 20_000));
+        for i in 0..100 {
+            if let Some((bytes, _)) = get(&e, s, &key(i)) {
+                assert!(bytes == value(i, 20_000), "{io:?}: key {i}");
+            }
+        }
+    }
+}
