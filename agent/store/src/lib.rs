@@ -18,10 +18,50 @@
 //! degraded store probes with a write), [`AlignedBuf`] (4096-aligned memory for values), and,
 //! with the `testing` feature, [`testing`] and `LogStore::open_with_faults`.
 //!
-//! The on-disk layout (superblock, entry, checkpoint) is specified byte for byte in the
-//! `format` module's documentation, reproduced here:
+//! # How it works
 //!
-#![doc = include_str!("../FORMAT.md")]
+//! - Space is split into regions (`region_size`, a power of two of at least 1 MiB). Entries
+//!   are appended to one active region; a full region is sealed; when no region is free the
+//!   oldest sealed one is evicted whole (FIFO). Entries of the evicted region that were read
+//!   at least once since written are rewritten first (at most half a region per eviction);
+//!   the rest leave the index.
+//! - Values go from the caller's aligned memory to the device and back without a bounce
+//!   buffer (a two-element iovec: header block, value).
+//! - A read verifies magic, version, flags, header checksum, key, seq and value checksum. A
+//!   failed check is `Corrupt` (counted, dropped from the index) if the index still holds
+//!   that entry, else `Miss` (the entry was evicted or replaced while the read ran: the
+//!   index drops a region's entries before the region is overwritten).
+//! - `remove` drops the entry from the index at once and queues a tombstone, appended by the
+//!   next write or flush; a remove racing a write of the same key wins.
+//! - Recovery: a checkpoint (written by `flush` and after every few sealed regions) plus a
+//!   scan of what came after it; see `recovery`. An invalid checkpoint is ignored.
+//! - Degraded state: ENOSPC, EIO, a deleted or truncated file, or an I/O slower than
+//!   `slow_io` degrade the store ([`LogStore::degraded`], one `tracing` warning per cause).
+//!   Writes are then refused except one probe call per retry interval (10 s by default),
+//!   whose success ends the degraded state; a slow spell also ends with the next normal
+//!   I/O. Reads go on where they can. The files are checked (deleted: the path's inode
+//!   differs from the descriptor's; truncated: shorter than the store) at most once a
+//!   second, at each flush, and after a short read.
+//!
+//! # Durability
+//!
+//! Writes are durable after [`LogStore::flush`] (which also writes pending tombstones and a
+//! checkpoint). Dropping a store does not flush: it is what a crash looks like, and the next
+//! open recovers from the last checkpoint and a scan. Entries whose `write` returned survive
+//! the death of the process (T2 writes are O_DIRECT; T3 writes are in the page cache);
+//! removes made since the last write or flush do not (their tombstones were only queued).
+//!
+//! # Limits
+//!
+//! - T3 reads copy out of a shared mapping after checking the segment's length with
+//!   `fstat`; a segment truncated by another process between that check and the end of the
+//!   copy still raises SIGBUS (the store holds an exclusive lock, so this takes a process
+//!   that ignores it). T3 writes use `pwritev` and cannot fault.
+//! - A filesystem that refuses O_DIRECT is used with buffered I/O (a warning is logged).
+//! - Keys are at most 65535 bytes; an entry (header block plus padded value) must fit a
+//!   region ([`StoreError::TooLarge`]).
+//! - After a crash the next seq skips as many numbers as entries fit in the store, so that
+//!   entries of a torn last batch can never be mistaken for newer ones.
 //!
 //! # Modules
 //!
@@ -30,12 +70,7 @@
 //!   batched trait; `recovery`: checkpoint plus scan; `open`: files, lock, superblock;
 //!   `store`: the write and read paths, eviction, tombstones, checkpoints, degradation.
 //!
-//! # Durability
-//!
-//! Writes are durable after [`LogStore::flush`] (which also writes pending tombstones and a
-//! checkpoint). Dropping a store does not flush: it is what a crash looks like, and the next
-//! open recovers by scanning. Removes made since the last write or flush are lost on a drop
-//! without flush (their tombstones were only queued).
+#![doc = include_str!("../FORMAT.md")]
 
 use std::path::PathBuf;
 

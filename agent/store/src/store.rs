@@ -1164,9 +1164,14 @@ impl Store {
         if let Err(e) = self.dev.sync() {
             return Err(self.io_failed("syncing the store".into(), e));
         }
-        let ck = {
+        // The writer lock keeps regions and seqs still; only removals (and drops of entries
+        // found corrupt or expired) run meanwhile, so the index is copied one region at a
+        // time without holding the state lock across the whole index. An entry removed after
+        // its region was copied is deleted again by its queued tombstone, which is written
+        // later with a larger seq.
+        let (next_seq, mut regions) = {
             let st = self.state.lock();
-            let mut regions: Vec<CkptRegion> = (0..self.layout.count)
+            let regions: Vec<CkptRegion> = (0..self.layout.count)
                 .map(|r| {
                     let reg = st.regions.get(r);
                     let used = reg.state != RegionState::Free && reg.write_off > 0;
@@ -1178,12 +1183,19 @@ impl Store {
                     }
                 })
                 .collect();
-            for (h, e) in st.index.iter() {
-                let r = self.layout.region_of(e.loc.offset) as usize;
-                if !regions[r].used {
+            (st.next_seq, regions)
+        };
+        for (r, rec) in regions.iter_mut().enumerate() {
+            if !rec.used {
+                continue;
+            }
+            let st = self.state.lock();
+            for &(h, seq) in &st.regions.get(r as u32).entries {
+                let Some(e) = st.index.get(h) else { continue };
+                if e.loc.seq != seq {
                     continue;
                 }
-                regions[r].entries.push(CkptEntry {
+                rec.entries.push(CkptEntry {
                     hash: h,
                     offset: e.loc.offset,
                     seq: e.loc.seq,
@@ -1193,12 +1205,12 @@ impl Store {
                     meta_len: e.loc.meta_len,
                 });
             }
-            Checkpoint {
-                store_id: self.layout.store_id,
-                region_size: self.layout.region_size,
-                next_seq: st.next_seq,
-                regions,
-            }
+        }
+        let ck = Checkpoint {
+            store_id: self.layout.store_id,
+            region_size: self.layout.region_size,
+            next_seq,
+            regions,
         };
         let bytes = ck.encode();
         if let Err(e) = write_atomic(&self.ckpt_path, &bytes) {
