@@ -241,6 +241,15 @@ impl Store {
             c: Counters::default(),
         };
         add(&store.c.corrupt, rec.corrupt);
+        if report.entries > 0
+            && (!report.from_checkpoint || report.scanned_bytes > 8 * cfg.region_size)
+        {
+            // What this scan found need not be scanned again after the next crash.
+            let mut w = store.writer.lock();
+            if let Err(e) = store.checkpoint(&mut w) {
+                tracing::warn!(error = %e, "cannot write a checkpoint after recovery");
+            }
+        }
         tracing::info!(
             path = %cfg.path.display(),
             engine = store.dev.name(),
