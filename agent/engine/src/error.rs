@@ -67,6 +67,14 @@ pub enum EngineError {
     /// Invalid engine configuration.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// A lower tier could not be opened (its path, and why).
+    #[error("{tier} tier: {reason}")]
+    TierOpen {
+        /// The tier's name.
+        tier: &'static str,
+        /// Why.
+        reason: String,
+    },
     /// An operating-system call failed.
     #[error("{what}: {source}")]
     Io {

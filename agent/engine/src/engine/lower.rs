@@ -885,16 +885,15 @@ pub(super) fn open_tiers(cfg: &crate::config::EngineConfig) -> Result<Vec<Lower>
                 .recursive(true)
                 .mode(0o700)
                 .create(dir)
-                .map_err(|e| {
-                    EngineError::Config(format!(
-                        "{} tier: creating {}: {e}",
-                        t.tier.name(),
-                        dir.display()
-                    ))
+                .map_err(|e| EngineError::TierOpen {
+                    tier: t.tier.name(),
+                    reason: format!("creating {}: {e}", dir.display()),
                 })?;
         }
-        let (store, rec) = LogStore::open(t.store.clone())
-            .map_err(|e| EngineError::Config(format!("{} tier: {e}", t.tier.name())))?;
+        let (store, rec) = LogStore::open(t.store.clone()).map_err(|e| EngineError::TierOpen {
+            tier: t.tier.name(),
+            reason: e.to_string(),
+        })?;
         tracing::info!(
             tier = t.tier.name(),
             path = %t.store.path.display(),
