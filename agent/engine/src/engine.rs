@@ -33,6 +33,8 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use std::sync::atomic::AtomicBool;
+
 use parking_lot::{Condvar, Mutex};
 
 mod host;
@@ -229,6 +231,8 @@ pub struct Engine {
     lower: Vec<lower::Lower>,
     /// Wakes the demoter.
     demote_wake: (Mutex<bool>, Condvar),
+    /// Some lower tier has tombstones queued (a put or delete removed a key from it).
+    tombstones_pending: AtomicBool,
     /// The configuration, also readable without the lock.
     cfg: EngineConfig,
     state: Mutex<State>,
@@ -363,6 +367,7 @@ impl Engine {
             unix_epoch_ms,
             lower,
             demote_wake: (Mutex::new(false), Condvar::new()),
+            tombstones_pending: AtomicBool::new(false),
             cfg,
             state: Mutex::new(state),
         })
@@ -757,6 +762,10 @@ impl Engine {
                 n += 1;
             }
         }
+        drop(st);
+        // A delete is durable when it returns: the tombstones go to the device now, outside
+        // the lock.
+        self.write_tombstones();
         Ok(n)
     }
 

@@ -386,3 +386,23 @@ fn a_failing_device_degrades_its_tier_and_host_memory_keeps_serving() {
         }
     }
 }
+
+#[test]
+fn a_delete_survives_a_crash_right_after_it_returns() {
+    for (tier, io) in kinds() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let e = engine(dir.path(), tier, io, 512);
+            let s = e.open_session().unwrap();
+            put(&e, s, b"doomed", &value(9, 9000), b"");
+            put(&e, s, b"kept", &value(10, 9000), b"");
+            e.persist(Instant::now() + Duration::from_secs(30));
+            assert_eq!(e.delete(&[b"doomed".as_slice()]).unwrap(), 1);
+            // Dropped without a flush or checkpoint: as if killed.
+        }
+        let e = engine(dir.path(), tier, io, 512);
+        let s = e.open_session().unwrap();
+        assert!(get(&e, s, b"doomed").is_none(), "{tier:?}/{io:?}");
+        assert!(get(&e, s, b"kept").is_some(), "{tier:?}/{io:?}");
+    }
+}

@@ -313,7 +313,24 @@ impl Engine {
         for l in &self.lower {
             any |= l.store.remove(hash);
         }
+        if any {
+            self.tombstones_pending.store(true, Relaxed);
+        }
         any
+    }
+
+    /// Writes the tombstones the lower tiers have queued (blocking I/O: never under the
+    /// lock). Called by deletes before they return, and by the demoter for the keys that
+    /// puts replaced, so that a restart after a crash brings none of them back.
+    pub(super) fn write_tombstones(&self) {
+        if !self.tombstones_pending.swap(false, Relaxed) {
+            return;
+        }
+        for l in &self.lower {
+            // SAFETY: an empty batch references no caller memory; the store appends only
+            // its queued tombstones.
+            let _ = unsafe { l.store.write(&[]) };
+        }
     }
 
     /// Looks up each key and leases the ones found, reading from lower tiers if needed.
@@ -770,6 +787,7 @@ impl Engine {
     /// is short of clean entries, else a wait of `idle` (or until woken by a commit).
     pub fn run_demoter(&self, stop: &std::sync::atomic::AtomicBool, idle: Duration) {
         while !stop.load(Relaxed) {
+            self.write_tombstones();
             if self.demote() == 0 {
                 // Nothing to write: wait for a commit to wake us, but not more often than
                 // every few milliseconds, so that a full arena of clean entries does not
