@@ -908,7 +908,7 @@ pub(super) fn open_tiers(cfg: &crate::config::EngineConfig) -> Result<Vec<Lower>
                     reason: format!("creating {}: {e}", dir.display()),
                 })?;
         }
-        let (store, rec) = LogStore::open(t.store.clone()).map_err(|e| EngineError::TierOpen {
+        let (store, rec) = open_store(t).map_err(|e| EngineError::TierOpen {
             tier: t.tier.name(),
             reason: e.to_string(),
         })?;
@@ -927,4 +927,34 @@ pub(super) fn open_tiers(cfg: &crate::config::EngineConfig) -> Result<Vec<Lower>
         out.push(Lower::new(t.tier, t.admission, Box::new(store)));
     }
     Ok(out)
+}
+
+/// How long opening a store waits for a previous holder of its lock to go away.
+const LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// Opens a tier's store. A store still locked is waited for a while: an agent killed with
+/// SIGKILL releases its lock only when the kernel has torn down its io_uring rings, which
+/// finishes after the process is gone, so a restart can find the lock still held for a
+/// moment.
+fn open_store(
+    t: &crate::config::TierConfig,
+) -> Result<(LogStore, nencache_store::Recovery), StoreError> {
+    let start = Instant::now();
+    let mut said = false;
+    loop {
+        match LogStore::open(t.store.clone()) {
+            Err(StoreError::Locked { .. }) if start.elapsed() < LOCK_WAIT => {
+                if !said {
+                    tracing::info!(
+                        tier = t.tier.name(),
+                        path = %t.store.path.display(),
+                        "tier locked by another process; waiting for it to go away"
+                    );
+                    said = true;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            r => return r,
+        }
+    }
 }
