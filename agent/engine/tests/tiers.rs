@@ -2,6 +2,9 @@
 //! T2 or T3 byte for byte, survive a reopen, and deleted or replaced values never come back.
 //! Every test runs on each I/O engine (io_uring, pread) and on the memory-mapped disk tier.
 
+// Helpers outside #[test] functions fail loudly too.
+#![allow(clippy::unwrap_used)]
+
 use std::{
     path::Path,
     sync::Arc,
@@ -301,18 +304,22 @@ fn faulty_engine(
     .expect("engine")
 }
 
+/// A tier directory whose NVMe-style store holds the value `below`, and no agent.
+fn one_value_below(io: IoEngineKind) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(dir.path(), Tier::Nvme, io, 512);
+    let s = e.open_session().unwrap();
+    put(&e, s, b"below", &value(1, 30_000), b"");
+    e.persist(Instant::now() + Duration::from_secs(30));
+    dir
+}
+
 #[test]
 fn a_slow_device_never_holds_up_host_hits() {
     use nencache_store::testing::{FaultOp, FaultRule, Faults};
     use std::sync::atomic::{AtomicBool, Ordering};
     for io in [IoEngineKind::IoUring, IoEngineKind::Pread] {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let e = engine(dir.path(), Tier::Nvme, io, 512);
-            let s = e.open_session().unwrap();
-            put(&e, s, b"below", &value(1, 30_000), b"");
-            e.persist(Instant::now() + Duration::from_secs(30));
-        }
+        let dir = one_value_below(io);
         let faults = Faults::new();
         let e = Arc::new(faulty_engine(dir.path(), io, 512, &faults));
         let s = e.open_session().unwrap();
@@ -354,13 +361,7 @@ fn a_failing_device_degrades_its_tier_and_host_memory_keeps_serving() {
     use nencache_store::testing::{FaultOp, FaultRule, Faults};
     const EIO: i32 = 5;
     for io in [IoEngineKind::IoUring, IoEngineKind::Pread] {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let e = engine(dir.path(), Tier::Nvme, io, 512);
-            let s = e.open_session().unwrap();
-            put(&e, s, b"below", &value(1, 30_000), b"");
-            e.persist(Instant::now() + Duration::from_secs(30));
-        }
+        let dir = one_value_below(io);
         let faults = Faults::new();
         let e = faulty_engine(dir.path(), io, 64, &faults);
         let s = e.open_session().unwrap();

@@ -412,4 +412,36 @@ impl State {
         ent.link = self.free_entry;
         self.free_entry = e;
     }
+
+    /// Pins a live entry: not evictable until unpinned (a lease, or a demotion in flight).
+    pub(super) fn pin(&mut self, e: u32) {
+        let ent = &mut self.entries[e as usize];
+        if ent.leases == 0 {
+            debug_assert_eq!(ent.state, EntryState::Live);
+            self.evictable_pages -= u64::from(ent.extent.pages);
+        }
+        ent.leases += 1;
+    }
+
+    /// Undoes [`State::pin`]. The last pin makes a live entry evictable again, back at the
+    /// head of the main queue after a `read`, at its cold end otherwise (a demotion wrote it
+    /// down: evicting it now costs nothing); it frees a doomed entry.
+    pub(super) fn unpin(&mut self, e: u32, read: bool) {
+        let ent = &mut self.entries[e as usize];
+        ent.leases -= 1;
+        if ent.leases == 0 {
+            match ent.state {
+                EntryState::Live => {
+                    self.evictable_pages += u64::from(ent.extent.pages);
+                    if read {
+                        self.policy.unpark(e);
+                    } else {
+                        self.policy.unpark_cold(e);
+                    }
+                }
+                EntryState::Doomed => self.drop_entry(e),
+                _ => {}
+            }
+        }
+    }
 }

@@ -717,7 +717,7 @@ impl Engine {
             if !live {
                 st.demoting_doomed.remove(&d.host_hash);
             }
-            st.unpin(d.entry);
+            st.unpin(d.entry, false);
         }
         st.stats.demotions += n as u64;
         n
@@ -859,31 +859,6 @@ impl State {
         let displaced = self.index.insert(hash, e);
         debug_assert!(displaced.is_none(), "checked absent under the same lock");
         self.policy.insert(e, hash, u64::from(pages) * self.page);
-    }
-
-    /// Pins a live entry (not evictable) without a lease: a demotion in flight.
-    fn pin(&mut self, e: u32) {
-        let ent = &mut self.entries[e as usize];
-        if ent.leases == 0 {
-            self.evictable_pages -= u64::from(ent.extent.pages);
-        }
-        ent.leases += 1;
-    }
-
-    /// Undoes [`State::pin`]; frees an entry doomed meanwhile.
-    fn unpin(&mut self, e: u32) {
-        let ent = &mut self.entries[e as usize];
-        ent.leases -= 1;
-        if ent.leases == 0 {
-            match ent.state {
-                EntryState::Live => {
-                    self.evictable_pages += u64::from(ent.extent.pages);
-                    self.policy.unpark_cold(e);
-                }
-                EntryState::Doomed => self.drop_entry(e),
-                _ => {}
-            }
-        }
     }
 }
 

@@ -231,12 +231,7 @@ impl State {
         }
         s.lease_head = l;
         s.leases += 1;
-        let ent = &mut self.entries[e as usize];
-        if ent.leases == 0 {
-            debug_assert_eq!(ent.state, EntryState::Live);
-            self.evictable_pages -= u64::from(ent.extent.pages);
-        }
-        ent.leases += 1;
+        self.pin(e);
         Ok(id)
     }
 
@@ -256,18 +251,6 @@ impl State {
             }
             s.leases -= 1;
         }
-        let e = l.entry;
-        let ent = &mut self.entries[e as usize];
-        ent.leases -= 1;
-        if ent.leases == 0 {
-            match ent.state {
-                EntryState::Live => {
-                    self.evictable_pages += u64::from(ent.extent.pages);
-                    self.policy.unpark(e);
-                }
-                EntryState::Doomed => self.drop_entry(e),
-                _ => {}
-            }
-        }
+        self.unpin(l.entry, true);
     }
 }
