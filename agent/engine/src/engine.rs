@@ -683,8 +683,13 @@ impl Engine {
         if !self.lower.is_empty() {
             let target =
                 u64::from(st.arena.pages()) * u64::from(self.cfg.demotion.clean_percent) / 100;
-            if u64::from(st.arena.free_pages()) < target {
-                drop(st);
+            let short = u64::from(st.arena.free_pages()) < target;
+            drop(st);
+            // A commit that replaced a key held below is durable when it returns: the old
+            // copy's tombstone goes to the device now (outside the lock), or a crash right
+            // after would bring the old value back.
+            self.write_tombstones();
+            if short {
                 self.wake_demoter();
             }
         }

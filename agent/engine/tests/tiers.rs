@@ -282,6 +282,7 @@ fn faulty_engine(
     let t = tier_config(dir, Tier::Nvme, io);
     let (store, _) =
         nencache_store::LogStore::open_with_faults(t.store.clone(), faults.clone()).expect("store");
+    store.set_retry_interval(Duration::from_millis(50));
     Engine::with_stores(
         EngineConfig {
             limits: Limits {
@@ -389,7 +390,7 @@ fn a_failing_device_degrades_its_tier_and_host_memory_keeps_serving() {
 }
 
 #[test]
-fn a_delete_survives_a_crash_right_after_it_returns() {
+fn deletes_and_overwrites_survive_a_crash_right_after_they_return() {
     for (tier, io) in kinds() {
         let dir = tempfile::tempdir().unwrap();
         {
@@ -398,12 +399,63 @@ fn a_delete_survives_a_crash_right_after_it_returns() {
             put(&e, s, b"doomed", &value(9, 9000), b"");
             put(&e, s, b"kept", &value(10, 9000), b"");
             e.persist(Instant::now() + Duration::from_secs(30));
+            put(&e, s, b"replaced", &value(11, 9000), b"old");
+            e.persist(Instant::now() + Duration::from_secs(30));
             assert_eq!(e.delete(&[b"doomed".as_slice()]).unwrap(), 1);
+            put(&e, s, b"replaced", &value(12, 9000), b"new");
             // Dropped without a flush or checkpoint: as if killed.
         }
         let e = engine(dir.path(), tier, io, 512);
         let s = e.open_session().unwrap();
         assert!(get(&e, s, b"doomed").is_none(), "{tier:?}/{io:?}");
+        assert!(
+            get(&e, s, b"replaced").is_none(),
+            "{tier:?}/{io:?}: the new value was in host memory only; the old one must not \
+             come back"
+        );
         assert!(get(&e, s, b"kept").is_some(), "{tier:?}/{io:?}");
+    }
+}
+
+#[test]
+fn a_degraded_tier_recovers_when_its_device_does() {
+    use nencache_store::testing::{FaultOp, FaultRule, Faults};
+    const ENOSPC: i32 = 28;
+    for io in [IoEngineKind::IoUring, IoEngineKind::Pread] {
+        let dir = tempfile::tempdir().unwrap();
+        let faults = Faults::new();
+        let e = faulty_engine(dir.path(), io, 64, &faults);
+        let s = e.open_session().unwrap();
+        let full = faults.add(FaultRule::fail(FaultOp::Allocate, ENOSPC));
+        let mut i = 0;
+        while e.tier_stats()[0].degraded.is_none() {
+            put(&e, s, &key(i), &value(i, 20_000), b"");
+            while e.demote() > 0 {}
+            i += 1;
+            assert!(i < 1000, "{io:?}: never degraded");
+        }
+        // Space comes back: demotion goes on and its probe write clears the state.
+        faults.remove(full);
+        let start = Instant::now();
+        while e.tier_stats()[0].degraded.is_some() {
+            put(&e, s, &key(i), &value(i, 20_000), b"");
+            while e.demote() > 0 {}
+            std::thread::sleep(Duration::from_millis(5));
+            i += 1;
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "{io:?}: still degraded: {:?}",
+                e.tier_stats()[0]
+            );
+        }
+        let before = e.tier_stats()[0].demotions;
+        for j in i..i + 40 {
+            put(&e, s, &key(j), &value(j, 20_000), b"");
+            while e.demote() > 0 {}
+        }
+        assert!(
+            e.tier_stats()[0].demotions > before,
+            "{io:?}: demoting again"
+        );
     }
 }

@@ -604,7 +604,10 @@ impl Engine {
                     continue;
                 }
                 let heat = st.policy.heat(e);
-                let Some(tier) = self.admitting_tier(heat) else {
+                // The round's first entry goes to the first tier that admits it even if that
+                // tier is degraded: the store refuses it quickly or takes it as the probe
+                // write that tells it the device is back (one per retry interval).
+                let Some(tier) = self.admitting_tier(heat, picked.is_empty()) else {
                     continue;
                 };
                 bytes += ent.value_len;
@@ -619,10 +622,11 @@ impl Engine {
         self.write_down(batch)
     }
 
-    /// The first healthy tier whose admission takes an entry of this heat.
-    fn admitting_tier(&self, heat: u64) -> Option<usize> {
+    /// The first healthy tier whose admission takes an entry of this heat; with `probe`,
+    /// the first whose admission takes it, healthy or not.
+    fn admitting_tier(&self, heat: u64, probe: bool) -> Option<usize> {
         self.lower.iter().position(|l| {
-            l.store.degraded().is_none() && (l.admission == Admission::All || heat > 0)
+            (probe || l.store.degraded().is_none()) && (l.admission == Admission::All || heat > 0)
         })
     }
 
@@ -757,9 +761,7 @@ impl Engine {
                             return None;
                         }
                         // Everything goes down now, whatever the admission rule.
-                        let tier = self
-                            .admitting_tier(heat.max(1))
-                            .or_else(|| self.admitting_tier(0))?;
+                        let tier = self.admitting_tier(heat.max(1), false)?;
                         Some((e, tier))
                     })
                     .collect::<Vec<_>>()
