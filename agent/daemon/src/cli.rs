@@ -22,7 +22,11 @@ use crate::{
 
 /// `nencache`: talk to a NenCache agent, or run the demo.
 #[derive(Debug, Parser)]
-#[command(name = "nencache", version, about)]
+#[command(
+    name = "nencache",
+    version,
+    about = "Talk to a NenCache agent (put, get, lookup, delete, stats), or run the demo"
+)]
 pub struct Cli {
     /// The agent's gRPC socket [default: $NENCACHE_SOCKET, else the agent's default path].
     #[arg(long, global = true, env = "NENCACHE_SOCKET")]

@@ -543,9 +543,9 @@ impl ServeArgs {
             ..engine.clone()
         }
         .validate()
-        .map_err(|e| invalid(e.to_string()))?;
+        .map_err(engine_invalid)?;
         fit_regions(&mut engine)?;
-        engine.validate().map_err(|e| invalid(e.to_string()))?;
+        engine.validate().map_err(engine_invalid)?;
         Ok(Settings {
             socket,
             admin_addr,
@@ -620,7 +620,7 @@ impl ServeArgs {
                     )));
                 }
                 (_, None | Some("auto")) => IoEngineKind::Auto,
-                (_, Some("io_uring" | "io-uring" | "uring")) => IoEngineKind::IoUring,
+                (_, Some("io_uring")) => IoEngineKind::IoUring,
                 (_, Some("pread")) => IoEngineKind::Pread,
                 (_, Some(other)) => {
                     return Err(invalid(format!(
@@ -665,6 +665,15 @@ impl ServeArgs {
             queue_bytes: f.demotion_queue.map_or(dd.queue_bytes, |b| b.0),
         };
         Ok((out, demotion, default_tier))
+    }
+}
+
+/// An engine configuration error as a configuration error (without a second "invalid
+/// configuration" prefix).
+fn engine_invalid(e: nencache_engine::EngineError) -> ConfigError {
+    match e {
+        nencache_engine::EngineError::Config(m) => ConfigError::Invalid(m),
+        e => ConfigError::Invalid(e.to_string()),
     }
 }
 

@@ -228,12 +228,23 @@ impl Ops {
         // thread, so a slow device holds up only the calls that need it.
         match self.engine.begin_get(session, keys)? {
             Get::Ready(out) => Ok(out),
-            Get::Pending(pending) => tokio::task::spawn_blocking(move || pending.finish())
-                .await
-                .map_err(|e| EngineError::Io {
+            Get::Pending(pending) => {
+                // If the call is dropped meanwhile (its client gave up), nobody will learn
+                // the leases the read ends with: the blocking task returns them itself.
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let engine = self.engine.clone();
+                tokio::task::spawn_blocking(move || {
+                    if let Err(Ok(undelivered)) = tx.send(pending.finish()) {
+                        let ids: Vec<u64> =
+                            undelivered.into_iter().flatten().map(|l| l.id).collect();
+                        let _ = engine.release(session, &ids);
+                    }
+                });
+                rx.await.map_err(|_| EngineError::Io {
                     what: "reading from a lower tier",
-                    source: std::io::Error::other(e.to_string()),
-                })?,
+                    source: std::io::Error::other("the read task ended without an answer"),
+                })?
+            }
         }
     }
 
@@ -324,6 +335,67 @@ mod tests {
             Arc::new(Engine::new(cfg).expect("engine")),
             WireLimits::default(),
         )
+    }
+
+    /// A get reading from a slow lower tier that its caller abandons (a timeout drops the
+    /// call) leaves no lease behind: the read's leases go back when it ends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_abandoned_lower_tier_get_returns_its_leases() {
+        use nencache_engine::{Admission, IoEngineKind, StoreConfig, Tier, TierConfig};
+        use nencache_store::testing::{FaultOp, FaultRule, Faults};
+        let dir = tempfile::tempdir().expect("dir");
+        let tier = TierConfig {
+            tier: Tier::Nvme,
+            store: StoreConfig {
+                path: dir.path().join("t2"),
+                capacity: 8 << 20,
+                region_size: 2 << 20,
+                io_engine: IoEngineKind::Pread,
+                queue_depth: 4,
+                slow_io: Duration::from_secs(10),
+            },
+            admission: Admission::All,
+        };
+        let cfg = EngineConfig {
+            limits: Limits {
+                max_value: 1 << 20,
+                ..Limits::default()
+            },
+            host: HostConfig {
+                capacity: 4 << 20,
+                staging: 1 << 20,
+                ..HostConfig::default()
+            },
+            tiers: vec![tier.clone()],
+            ..EngineConfig::default()
+        };
+        {
+            let e = Engine::new(cfg.clone()).expect("engine");
+            let s = e.open_session().expect("session");
+            let item = put_item(b"below", 5, b"", 0, false);
+            e.put_local(s, item, b"bytes").expect("put");
+            e.persist(std::time::Instant::now() + Duration::from_secs(10));
+        }
+        let faults = Faults::new();
+        let (store, _) =
+            nencache_store::LogStore::open_with_faults(tier.store, faults.clone()).expect("store");
+        let engine = Arc::new(Engine::with_stores(cfg, vec![Box::new(store)]).expect("engine"));
+        let ops = Ops::new(engine.clone(), WireLimits::default());
+        let s = engine.open_session().expect("session");
+        faults.add(FaultRule::delay(FaultOp::Read, Duration::from_millis(300)));
+        let abandoned =
+            tokio::time::timeout(Duration::from_millis(20), ops.get(s, &[b"below"], &[])).await;
+        assert!(abandoned.is_err(), "the call was still reading");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(
+            engine.stats().leases,
+            0,
+            "the undelivered lease was released"
+        );
+        // The value was promoted meanwhile: the next get is a host hit.
+        let got = ops.get(s, &[b"below"], &[]).await.expect("get");
+        assert!(got[0].is_some());
+        assert_eq!(engine.stats().leases, 1);
     }
 
     /// A commit on a current-thread runtime (where `block_in_place` panics) still completes.
