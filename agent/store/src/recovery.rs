@@ -8,9 +8,15 @@
 //!   accepting only entries with a seq of at least the checkpoint's next seq;
 //! - a region whose first header has a seq of at least the checkpoint's next seq was
 //!   (re)started after the checkpoint and is scanned from its start;
+//! - a region the checkpoint lists as used whose first header is not valid (corrupt, torn,
+//!   zeroed or unreadable) has lost its entries: those the checkpoint lists for it are
+//!   counted as skipped and corrupt (checking each listed header would cost a read per entry
+//!   at open; headers of the other regions' listed entries are checked when read);
 //! - any other region holds nothing live (free, or stale data the checkpoint had dropped).
 //!
-//! Without a checkpoint every region whose first header is valid is scanned from its start.
+//! Without a checkpoint every region whose first header is valid is scanned from its start;
+//! a region whose first header is torn or corrupt counts one skipped, corrupt entry (what
+//! followed it cannot be found).
 //! A scan walks headers (verifying the header checksum, not values) in increasing offset
 //! order and stops at the first position without a valid header of this store, at a seq not
 //! larger than the previous one (data of an earlier use of the region), at an entry version
@@ -268,12 +274,39 @@ fn recover_region(
 ) -> RegionScan {
     let mut out = RegionScan::default();
     let mut sc = Scanner::new(dev, layout, r);
-    let first = match sc.header(0) {
+    let found = sc.header(0);
+    let first = match &found {
         Found::Entry(h) => Some(h.seq),
         _ => None,
     };
     match (ckpt, first) {
-        (_, None) => {}
+        (Some(c), None) if c.regions[r as usize].used => {
+            // The checkpoint lists entries here but the region no longer starts with a valid
+            // header (corrupt, torn, zeroed, unreadable): its entries cannot be trusted and
+            // are dropped, counted.
+            let listed = c.regions[r as usize].entries.len() as u64;
+            match found {
+                Found::Version => out.skipped += listed.max(1),
+                Found::Corrupt => {
+                    out.skipped += listed.max(1);
+                    out.corrupt += listed.max(1);
+                }
+                Found::End | Found::Entry(_) => {
+                    out.skipped += listed;
+                    out.corrupt += listed;
+                }
+            }
+        }
+        (_, None) => match found {
+            // A torn or corrupt first entry (a region that was not in use, or no
+            // checkpoint): one entry lost.
+            Found::Corrupt => {
+                out.skipped += 1;
+                out.corrupt += 1;
+            }
+            Found::Version => out.skipped += 1,
+            Found::End | Found::Entry(_) => {}
+        },
         (None, Some(_)) => sc.scan(0, 0, &mut out),
         (Some(c), Some(first)) => {
             let rec = &c.regions[r as usize];

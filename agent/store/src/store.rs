@@ -99,6 +99,9 @@ struct HealthState {
     cause: Option<Cause>,
     next_probe: Instant,
     retry: Duration,
+    /// Entries dropped from the index since the file was found truncated (while `cause` is
+    /// `Truncated`).
+    truncated_lost: u64,
 }
 
 struct State {
@@ -211,6 +214,14 @@ impl Store {
         if let Some(why) = &opened.reset {
             tracing::warn!(path = %cfg.path.display(), reason = %why, "store started empty");
         }
+        if rec.corrupt > 0 {
+            tracing::warn!(
+                path = %cfg.path.display(),
+                corrupt = rec.corrupt,
+                "recovery dropped {} torn or corrupt entries",
+                rec.corrupt
+            );
+        }
         let store = Self {
             layout,
             slow_io: cfg.slow_io,
@@ -235,6 +246,7 @@ impl Store {
                 cause: None,
                 next_probe: Instant::now(),
                 retry: DEFAULT_RETRY,
+                truncated_lost: 0,
             }),
             opened: Instant::now(),
             last_check_ms: AtomicU64::new(0),
@@ -351,6 +363,11 @@ impl Store {
 
     fn degrade(&self, cause: Cause, reason: String) {
         let mut h = self.health.lock();
+        Self::degrade_locked(&mut h, cause, reason);
+    }
+
+    /// [`Self::degrade`] with the health lock held.
+    fn degrade_locked(h: &mut HealthState, cause: Cause, reason: String) {
         if h.cause != Some(cause) {
             tracing::warn!(reason = %reason, "store degraded: writes are refused (retried every {:?})", h.retry);
         }
@@ -417,6 +434,12 @@ impl Store {
             Health::Ok => {}
             Health::Deleted(why) => self.degrade(Cause::Deleted, why),
             Health::Truncated { lost, detail } => {
+                // Every check of a file that is still short finds it so again, but only the
+                // first one drops entries: the count is kept for the whole truncated spell,
+                // so that the reason (logged once, shown by `degraded`) keeps the real
+                // number. The health lock is held across the drop so that concurrent checks
+                // add up in order.
+                let mut h = self.health.lock();
                 let dropped = {
                     let mut st = self.state.lock();
                     st.index.remove_where(|e| {
@@ -424,9 +447,16 @@ impl Store {
                         lost.iter().any(|r| e.loc.offset < r.end && r.start < end)
                     })
                 };
-                self.degrade(
+                let total = if h.cause == Some(Cause::Truncated) {
+                    h.truncated_lost + dropped
+                } else {
+                    dropped
+                };
+                h.truncated_lost = total;
+                Self::degrade_locked(
+                    &mut h,
                     Cause::Truncated,
-                    format!("{detail}; {dropped} entries lost"),
+                    format!("{detail}; {total} entries lost"),
                 );
             }
         }
