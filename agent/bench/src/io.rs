@@ -68,14 +68,14 @@ pub struct IoArgs {
 }
 
 /// One CPU cache, as sysfs describes it.
-struct Cache {
-    level: u32,
-    kind: String,
-    bytes: usize,
+pub(crate) struct Cache {
+    pub(crate) level: u32,
+    pub(crate) kind: String,
+    pub(crate) bytes: usize,
 }
 
 /// The caches of CPU 0 (empty where sysfs does not say).
-fn caches() -> Vec<Cache> {
+pub(crate) fn caches() -> Vec<Cache> {
     let base = Path::new("/sys/devices/system/cpu/cpu0/cache");
     let Ok(dir) = std::fs::read_dir(base) else {
         return Vec::new();
@@ -201,7 +201,8 @@ fn pin_process(pid: u32, cpu: Option<usize>) -> anyhow::Result<()> {
     Ok(())
 }
 
-struct Proc(Child);
+/// A child process, killed and reaped when dropped.
+pub(crate) struct Proc(pub(crate) Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -210,7 +211,7 @@ impl Drop for Proc {
     }
 }
 
-fn wait_for(path: &Path, child: &mut Child, what: &str) -> anyhow::Result<()> {
+pub(crate) fn wait_for(path: &Path, child: &mut Child, what: &str) -> anyhow::Result<()> {
     let t = Instant::now();
     while UnixStream::connect(path).is_err() {
         if let Some(s) = child.try_wait()? {
@@ -236,6 +237,9 @@ fn start_agent(dir: &Path, host_mib: u64, max_value: usize) -> anyhow::Result<(P
         .args(["--host-capacity", &format!("{host_mib}MiB")])
         .args(["--staging-size", &format!("{staging}MiB")])
         .args(["--max-value", &format!("{}", max_value)])
+        // Host memory alone: no default lower tier (its demotion writes would load the
+        // machine during the cases; `nencache-bench tiers` measures the lower tiers).
+        .args(["--nvme-size", "0"])
         .spawn()
         .with_context(|| format!("starting {} (build it with the bench)", agent.display()))?;
     wait_for(&socket, &mut child, "nencache-agent")?;
@@ -268,7 +272,7 @@ fn start_redis(dir: &Path) -> anyhow::Result<(Proc, PathBuf)> {
 /// A page-aligned buffer of `len` bytes filled with `fill`. Every buffer a case copies from or
 /// into is page-aligned, as arena values are (and as pinned host buffers for GPU copies are),
 /// so that alignment does not differ between the cases compared.
-fn page_aligned(len: usize, fill: u8) -> AlignedBuf {
+pub(crate) fn page_aligned(len: usize, fill: u8) -> AlignedBuf {
     let layout = std::alloc::Layout::from_size_align(len.max(1), 4096).expect("layout");
     // SAFETY: the layout has a non-zero size.
     let ptr = unsafe { std::alloc::alloc(layout) };
@@ -279,7 +283,7 @@ fn page_aligned(len: usize, fill: u8) -> AlignedBuf {
 }
 
 /// A page-aligned heap buffer.
-struct AlignedBuf {
+pub(crate) struct AlignedBuf {
     ptr: *mut u8,
     len: usize,
     layout: std::alloc::Layout,
@@ -634,7 +638,7 @@ fn lookup_case(socket: &Path, secs: f64, pin: Option<usize>) -> anyhow::Result<S
     })
 }
 
-fn human(size: usize) -> String {
+pub(crate) fn human(size: usize) -> String {
     if size >= 1 << 20 {
         format!("{} MiB", size >> 20)
     } else {

@@ -3,15 +3,24 @@
 //! prints the hit ratio of each at several cache sizes; then replays a trace of mixed value
 //! sizes (64 KiB to 16 MiB) with leases held across requests, as real clients hold them, and
 //! prints the hit ratio and how many bytes each policy evicted per byte it admitted.
+//!
+//! With `--hierarchy` it instead replays the Zipf and chat traces through S3-FIFO host
+//! memory of a tenth of the distinct keys, alone and over a T2 tier (a store file) sized for
+//! the other nine tenths, and compares the hit ratios.
 
 use std::{
     cmp::Reverse,
     collections::{BinaryHeap, HashSet},
+    path::PathBuf,
+    time::{Duration, Instant},
 };
 
+use anyhow::Context;
 use clap::Args;
 use nencache_engine::{
-    Engine, EngineConfig, EngineError, EvictionPolicy, HostConfig, Limits, PutItem, Reserved,
+    Engine, EngineConfig, EngineError, EvictionPolicy, HostConfig, IoEngineKind, Limits, PutItem,
+    Reserved, StoreConfig,
+    config::{Admission, Tier, TierConfig},
     traces::{ChatConfig, ChatWorkload, Rng, Zipf, zipf_trace},
 };
 
@@ -42,6 +51,14 @@ pub struct PolicyArgs {
     /// Mixed-size trace: a hit's lease is held for a uniform 0 to twice this many requests.
     #[arg(long, default_value_t = 32)]
     pub mixed_hold: usize,
+    /// Instead of the tables above: S3-FIFO host memory of a tenth of the distinct keys,
+    /// alone and over a T2 tier holding the other nine tenths, on the Zipf and chat traces.
+    #[arg(long)]
+    pub hierarchy: bool,
+    /// `--hierarchy`: where the T2 file goes (in a temporary directory made under it; not
+    /// tmpfs, which O_DIRECT cannot use).
+    #[arg(long, default_value = ".")]
+    pub dir: PathBuf,
 }
 
 const PAGE: u64 = 4096;
@@ -95,13 +112,16 @@ fn replay<'a>(
     hits as f64 / total.max(1) as f64
 }
 
-/// Runs the comparison and prints a table.
-pub fn run(a: &PolicyArgs) -> anyhow::Result<()> {
-    let zipf: Vec<Vec<Vec<u8>>> = zipf_trace(a.keys, a.alpha, a.requests, 42)
+/// The Zipf trace (one key per request) and the chat trace (a prompt's chunk keys per
+/// request).
+type Trace = Vec<Vec<Vec<u8>>>;
+
+fn traces(a: &PolicyArgs) -> (Trace, Trace) {
+    let zipf: Trace = zipf_trace(a.keys, a.alpha, a.requests, 42)
         .iter()
         .map(|k| vec![k.to_vec()])
         .collect();
-    let chat: Vec<Vec<Vec<u8>>> = {
+    let chat: Trace = {
         let mut w = ChatWorkload::new(ChatConfig {
             users: 200,
             system_prompts: 20,
@@ -111,6 +131,15 @@ pub fn run(a: &PolicyArgs) -> anyhow::Result<()> {
             .map(|_| w.next_request().keys.iter().map(|k| k.to_vec()).collect())
             .collect()
     };
+    (zipf, chat)
+}
+
+/// Runs the comparison and prints a table.
+pub fn run(a: &PolicyArgs) -> anyhow::Result<()> {
+    if a.hierarchy {
+        return hierarchy(a);
+    }
+    let (zipf, chat) = traces(a);
     let traces = [
         (
             format!(
@@ -324,4 +353,165 @@ fn replay_mixed(policy: EvictionPolicy, a: &PolicyArgs) -> anyhow::Result<Mixed>
         mean_entries: entries / (requests - hits).max(1) as f64,
         refused,
     })
+}
+
+/// What a replay through host memory, and maybe a T2 tier, measured.
+#[derive(Debug, Default)]
+struct TierReplay {
+    /// Keys requested.
+    keys: u64,
+    /// Keys a get returned (from any tier).
+    hits: u64,
+    /// Of those, values read from T2 (promotions).
+    t2_hits: u64,
+    /// Entries written to T2.
+    demotions: u64,
+    /// Host entries evicted that T2 did not hold.
+    unsaved: u64,
+    /// T2 entries dropped with their region.
+    t2_evictions: u64,
+    /// Wall time of the replay.
+    elapsed: Duration,
+}
+
+/// Replays `trace` as [`replay`] does (S3-FIFO, small queue 30%, one page per entry), over a
+/// T2 tier if `t2` is given. After each get and each put it runs demotion rounds until one
+/// writes nothing, as the agent's background demoter would between requests, so that the
+/// replay does not depend on thread timing.
+fn replay_tiers(pages: u64, t2: Option<StoreConfig>, trace: &Trace) -> anyhow::Result<TierReplay> {
+    let e = Engine::new(EngineConfig {
+        limits: Limits {
+            max_value: PAGE,
+            ..Limits::default()
+        },
+        host: HostConfig {
+            capacity: pages * PAGE,
+            staging: 64 * PAGE,
+            policy: EvictionPolicy::S3Fifo,
+            small_queue_percent: 30,
+            ..HostConfig::default()
+        },
+        tiers: t2
+            .into_iter()
+            .map(|store| TierConfig {
+                tier: Tier::Nvme,
+                store,
+                admission: Admission::All,
+            })
+            .collect(),
+        ..EngineConfig::default()
+    })?;
+    let s = e.open_session()?;
+    let settle = || while e.demote() > 0 {};
+    let mut r = TierReplay::default();
+    let start = Instant::now();
+    for request in trace {
+        let keys: Vec<&[u8]> = request.iter().map(Vec::as_slice).collect();
+        r.keys += keys.len() as u64;
+        let prefix = e.lookup(&keys)?.prefix;
+        let got = e.get(s, &keys[..prefix])?;
+        let ids: Vec<u64> = got.iter().flatten().map(|l| l.id).collect();
+        r.hits += ids.len() as u64;
+        e.release(s, &ids)?;
+        settle();
+        for k in &keys[prefix..] {
+            let it = PutItem {
+                key: k,
+                value_len: 8,
+                metadata: b"",
+                ttl: None,
+                overwrite: false,
+            };
+            // A key some tier already holds answers Exists; nothing to do then.
+            let _ = e.put_local(s, it, b"kvchunk!");
+            settle();
+        }
+    }
+    r.elapsed = start.elapsed();
+    let st = e.stats();
+    r.t2_hits = st.promotions;
+    r.demotions = st.demotions;
+    r.unsaved = st.evictions_unsaved;
+    r.t2_evictions = e.tier_stats().iter().map(|t| t.store.evictions).sum();
+    Ok(r)
+}
+
+/// Host memory alone against host memory over T2, on both traces.
+fn hierarchy(a: &PolicyArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&a.dir)?;
+    let dir = tempfile::Builder::new()
+        .prefix("nencache-policy-")
+        .tempdir_in(&a.dir)
+        .with_context(|| format!("making a directory under {}", a.dir.display()))?;
+    let (zipf, chat) = traces(a);
+    println!(
+        "| trace | distinct keys | host (1/10) | T2 (entries) | host only: hit ratio | \
+         host + T2: hit ratio | of which from T2 | host + T2 / host only | every key cached \
+         (compulsory misses only) | entries written to T2 | host evictions T2 did not hold | \
+         T2 evictions |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for (name, trace) in [
+        (
+            format!(
+                "Zipf α={}, {} keys, {} requests",
+                a.alpha,
+                a.keys,
+                zipf.len()
+            ),
+            &zipf,
+        ),
+        (
+            format!(
+                "chat: 200 users, 20 system prompts, {} requests",
+                chat.len()
+            ),
+            &chat,
+        ),
+    ] {
+        let distinct = trace.iter().flatten().collect::<HashSet<_>>().len() as u64;
+        let pages = (distinct / 10).max(64);
+        let rest = distinct.saturating_sub(pages);
+        // A T2 entry of a one-page value takes a header block and the value's page; regions
+        // of 1 MiB hold 128, and one more region is the one being filled.
+        let region = 1u64 << 20;
+        let per_region = region / (2 * PAGE);
+        let regions = rest.div_ceil(per_region).max(1) + 1;
+        let path = dir.path().join("hierarchy.t2");
+        let store = StoreConfig {
+            path: path.clone(),
+            capacity: regions * region,
+            region_size: region,
+            io_engine: IoEngineKind::Auto,
+            queue_depth: 32,
+            slow_io: Duration::from_secs(60),
+        };
+        eprintln!("{name}: host only");
+        let alone = replay_tiers(pages, None, trace)?;
+        eprintln!("{name}: host over T2");
+        let both = replay_tiers(pages, Some(store), trace)?;
+        for e in std::fs::read_dir(dir.path())? {
+            std::fs::remove_file(e?.path())?;
+        }
+        let ratio = |r: &TierReplay| r.hits as f64 / r.keys.max(1) as f64;
+        let bound = 1.0 - distinct as f64 / alone.keys.max(1) as f64;
+        println!(
+            "| {name} | {distinct} | {pages} | {} | {:.4} | {:.4} | {:.4} | {:.3}x | {bound:.4} | \
+             {} | {} | {} |",
+            regions * per_region,
+            ratio(&alone),
+            ratio(&both),
+            both.t2_hits as f64 / both.keys.max(1) as f64,
+            ratio(&both) / ratio(&alone),
+            both.demotions,
+            both.unsaved,
+            both.t2_evictions,
+        );
+        eprintln!(
+            "{name}: host only {:.1} s, host over T2 {:.1} s",
+            alone.elapsed.as_secs_f64(),
+            both.elapsed.as_secs_f64()
+        );
+    }
+    Ok(())
 }
