@@ -232,10 +232,18 @@ impl Agent {
             "nencache agent serving"
         );
         let mut deadline = None;
+        let mut early_persist = None;
         let result = tokio::select! {
             r = &mut server => r.map_err(AgentError::from),
             () = shutdown => {
-                deadline = Some(std::time::Instant::now() + settings.shutdown_grace);
+                let until = std::time::Instant::now() + settings.shutdown_grace;
+                deadline = Some(until);
+                if !engine.lower_tiers().is_empty() {
+                    // Host entries go down while calls drain, so a client that never lets
+                    // go of its connection cannot use up the grace period.
+                    let e = engine.clone();
+                    early_persist = Some(tokio::task::spawn_blocking(move || e.persist(until)));
+                }
                 tracing::info!(grace = ?settings.shutdown_grace, "shutting down: no new calls, draining in-flight ones");
                 state.ready.store(false, Ordering::Release);
                 health.set_not_serving::<NodeCacheServer<NodeCacheService>>().await;
@@ -267,7 +275,12 @@ impl Agent {
                 deadline.unwrap_or_else(|| std::time::Instant::now() + settings.shutdown_grace);
             let e = engine.clone();
             let start = std::time::Instant::now();
-            let written = tokio::task::spawn_blocking(move || e.persist(deadline))
+            let mut written = match early_persist {
+                Some(t) => t.await.unwrap_or(0),
+                None => 0,
+            };
+            // Then what was put while calls drained.
+            written += tokio::task::spawn_blocking(move || e.persist(deadline))
                 .await
                 .unwrap_or(0);
             let left = engine.stats().entries;

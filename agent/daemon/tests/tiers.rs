@@ -126,6 +126,40 @@ async fn a_graceful_stop_keeps_the_host_tier() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_lets_go_does_not_cost_the_host_tier() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let flags: Vec<String> = tier_flags(dir.path(), "io_uring", "64MiB")
+        .into_iter()
+        .map(|f| if f == "20s" { "3s".to_string() } else { f })
+        .collect();
+    let refs: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let run = tempfile::tempdir().unwrap();
+    let socket = run.path().join("run/agent.sock");
+    let mut agent = TestAgent::start_at(run, socket.clone(), &refs);
+    let client = agent.client().await;
+    let keys: Vec<u64> = (0..40).collect();
+    for &i in &keys {
+        client.put(&key_of(i), &value_of(i), b"").await.unwrap();
+    }
+    drop(client);
+    // An HTTP/2 connection that opens and then never reads: the drain waits for it until
+    // the grace period is over.
+    let mut stuck = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    stuck
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .unwrap();
+    stuck.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let status = agent.terminate();
+    assert!(status.success(), "{status}");
+    drop(stuck);
+    agent.kill_and_restart();
+    let client = agent.client().await;
+    assert_eq!(check(&client, &keys).await, keys.len(), "{}", agent.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_agents_serve_every_entry_written_or_nothing() {
     let mut rng = nencache_engine::traces::Rng::new(7);
     let mut recovered = 0;

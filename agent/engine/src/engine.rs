@@ -113,7 +113,8 @@ pub struct Lease {
     pub len: u64,
     /// The metadata stored with the value.
     pub metadata: Vec<u8>,
-    /// Tier that served it.
+    /// Tier the value is read from: always host memory (a value found in a lower tier is
+    /// read into the arena first; `Stats::promotions` counts those).
     pub tier: Tier,
 }
 
