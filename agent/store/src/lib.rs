@@ -6,7 +6,9 @@
 //! CONTRACT (kept stable for the engine; the implementation fills it in):
 //! - [`LogStore::open`] creates or recovers a store (checkpoint plus scan), refusing an
 //!   on-disk format it does not know with [`StoreError::UnknownFormat`] naming the path and
-//!   both versions, and a store another process holds with [`StoreError::Locked`].
+//!   both versions, a store of the other kind (T2 for T3 or the reverse) with
+//!   [`StoreError::WrongKind`] naming the path and both kinds (either file left as it is),
+//!   and a store another process holds with [`StoreError::Locked`].
 //! - [`LogStore::locate`] answers from the in-memory index, no I/O.
 //! - [`LogStore::read`] and [`LogStore::write`] do blocking, batched I/O on the caller's
 //!   thread (never under a lock the engine holds).
@@ -42,6 +44,12 @@
 //!   I/O. Reads go on where they can. The files are checked (deleted: the path's inode
 //!   differs from the descriptor's; truncated: shorter than the store) at most once a
 //!   second, at each flush, and after a short read.
+//! - A device smaller than configured: ENOSPC while preallocating a free region, when at
+//!   least two regions are sealed and the oldest can be allocated again, caps the store to
+//!   the regions it has (one warning naming how many fit; `capacity_bytes` shrinks to them)
+//!   and it goes on evicting and reusing those, not degraded. The cap holds until the store
+//!   is reopened (space that comes back meanwhile is not taken up); a reopen tries the
+//!   configured size again. ENOSPC with fewer sealed regions degrades as above.
 //!
 //! # Durability
 //!
@@ -189,7 +197,8 @@ pub enum ReadOutcome {
 /// Counters and gauges of one store.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StoreStats {
-    /// Usable capacity in bytes (whole regions).
+    /// Usable capacity in bytes (whole regions; fewer than configured once the device was
+    /// found smaller).
     pub capacity_bytes: u64,
     /// Bytes of live entries (headers and padding included).
     pub used_bytes: u64,
@@ -252,6 +261,23 @@ pub enum StoreError {
         /// The version this build reads.
         supported: u32,
     },
+    /// The superblock is of another kind of store (T2 where T3 is configured, or the
+    /// reverse); the file is left as it is.
+    #[error(
+        "{path} holds a store of kind {found} ({}) but kind {configured} ({}) is configured; \
+         refusing to use it (the store never overwrites a store of another kind): configure \
+         the matching tier or point this one elsewhere",
+        kind_name(*.found),
+        kind_name(*.configured)
+    )]
+    WrongKind {
+        /// The file holding the superblock (T3: `store.meta`).
+        path: PathBuf,
+        /// The kind found (1: T2 file or block device, 2: T3 directory).
+        found: u32,
+        /// The kind configured.
+        configured: u32,
+    },
     /// Another process holds the store.
     #[error("{path} is in use by another process (is a second agent running?)")]
     Locked {
@@ -281,6 +307,15 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// How [`StoreError::WrongKind`] names a superblock kind.
+fn kind_name(kind: u32) -> &'static str {
+    match kind {
+        1 => "T2: a file or block device",
+        2 => "T3: a directory of segment files",
+        _ => "unknown",
+    }
 }
 
 /// The log-structured store. `Send + Sync`: reads run concurrently; writes are serialized.

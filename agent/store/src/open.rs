@@ -5,6 +5,9 @@
 //!   non-empty T2 file without the store magic in its first block, a T3 directory with files
 //!   other than the store's and no `store.meta`, or a `store.meta` without the magic.
 //! - Our magic with another format version is [`StoreError::UnknownFormat`].
+//! - A superblock of the other kind (a T3 `store.meta` opened as a T2 file, or a T2 file
+//!   named `store.meta` in a directory opened as T3) is [`StoreError::WrongKind`]; the file
+//!   is left as it is.
 //! - A superblock whose region size or capacity differ from the configuration (or whose
 //!   checksum fails) is rewritten with a new store id and the store starts empty; the reason
 //!   is reported in [`crate::Recovery::reset`]. Entries of the earlier store carry its id and
@@ -112,15 +115,10 @@ fn now_unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Why an existing superblock cannot be used as it is (a changed layout), or `None`.
-fn layout_change(sb: &Superblock, kind: u32, cfg: &StoreConfig, count: u32) -> Option<String> {
+/// Why an existing superblock (of the configured kind) cannot be used as it is (a changed
+/// layout), or `None`.
+fn layout_change(sb: &Superblock, cfg: &StoreConfig, count: u32) -> Option<String> {
     let capacity = u64::from(count) * cfg.region_size;
-    if sb.kind != kind {
-        return Some(format!(
-            "the store kind changed (found {}, configured {kind})",
-            sb.kind
-        ));
-    }
     if sb.region_size != cfg.region_size {
         return Some(format!(
             "region size changed from {} to {} bytes; the store was started empty",
@@ -155,7 +153,13 @@ fn judge(
     reset: &mut Option<String>,
 ) -> Result<Option<Superblock>, StoreError> {
     match Superblock::decode(first) {
-        Ok(sb) => match layout_change(&sb, kind, cfg, count) {
+        // Another kind of store is not a layout change: it is someone else's data.
+        Ok(sb) if sb.kind != kind => Err(StoreError::WrongKind {
+            path: path.to_path_buf(),
+            found: sb.kind,
+            configured: kind,
+        }),
+        Ok(sb) => match layout_change(&sb, cfg, count) {
             None => Ok(Some(sb)),
             Some(why) => {
                 *reset = Some(why);

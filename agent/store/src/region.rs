@@ -2,11 +2,15 @@
 //! ones in the order they will be evicted (FIFO: oldest first).
 //!
 //! Every region is in exactly one of three places: the free queue, the active slot (at most
-//! one region) or the sealed queue. Regions leave the free queue from the front and are
+//! one region) or the sealed queue (or, once the table is capped, set aside). Regions leave the free queue from the front and are
 //! returned to its front when their preparation fails; sealed regions are evicted from the
 //! front of the sealed queue, so a region is reused only after every region filled before it
 //! (tombstones, which are newer than what they delete, are therefore never overwritten while
 //! the entries they delete could still be found by a scan).
+//!
+//! A device smaller than configured (ENOSPC while preallocating a free region) caps the table
+//! with [`Regions::cap_to_allocated`]: the free regions are set aside for the rest of the run
+//! and the store goes on reusing the regions it has (FIFO), whose space is already allocated.
 //!
 //! This module only does bookkeeping; the store holds it under its state mutex.
 
@@ -55,6 +59,8 @@ pub(crate) struct Regions {
     free: VecDeque<u32>,
     sealed: VecDeque<u32>,
     active: Option<u32>,
+    /// Free regions set aside by [`Self::cap_to_allocated`] (never allocated again).
+    retired: Vec<u32>,
     region_size: u64,
 }
 
@@ -66,8 +72,26 @@ impl Regions {
             free: (0..count).collect(),
             sealed: VecDeque::new(),
             active: None,
+            retired: Vec::new(),
             region_size,
         }
+    }
+
+    /// Regions the store may use: all of them unless capped.
+    pub(crate) fn usable(&self) -> u32 {
+        (self.regions.len() - self.retired.len()) as u32
+    }
+
+    /// Sealed regions.
+    pub(crate) fn sealed_count(&self) -> usize {
+        self.sealed.len()
+    }
+
+    /// Sets every free region aside for good (the device has no room for them): from now on
+    /// room is made only by evicting sealed regions. Returns the regions still usable.
+    pub(crate) fn cap_to_allocated(&mut self) -> u32 {
+        self.retired.extend(self.free.drain(..));
+        self.usable()
     }
 
     /// One region.
@@ -207,7 +231,7 @@ impl Regions {
     #[cfg(test)]
     pub(crate) fn check(&self) {
         let mut seen = vec![0u8; self.regions.len()];
-        for &r in &self.free {
+        for &r in self.free.iter().chain(&self.retired) {
             seen[r as usize] += 1;
             assert_eq!(self.regions[r as usize].state, RegionState::Free);
         }
@@ -224,8 +248,8 @@ impl Regions {
             assert!(reg.write_off <= self.region_size);
         }
         assert!(
-            seen.iter().all(|&n| n <= 1),
-            "a region is in two places: {seen:?}"
+            seen.iter().all(|&n| n == 1),
+            "a region is in two places or none: {seen:?}"
         );
     }
 }
@@ -240,6 +264,7 @@ mod tests {
         Append(u64),
         Seal,
         FailPrepare,
+        Cap,
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -247,6 +272,7 @@ mod tests {
             6 => (1u64..=64).prop_map(|b| Op::Append(b * 4096)),
             1 => Just(Op::Seal),
             1 => Just(Op::FailPrepare),
+            1 => Just(Op::Cap),
         ]
     }
 
@@ -297,6 +323,12 @@ mod tests {
                     }
                     Op::Seal => { t.seal_active(); }
                     Op::FailPrepare => fail_next = true,
+                    // As the store does: only with at least two sealed regions to reuse.
+                    Op::Cap => if t.sealed_count() >= 2 {
+                        let allocated = t.usable() - t.free().count() as u32;
+                        prop_assert_eq!(t.cap_to_allocated(), allocated);
+                        prop_assert_eq!(t.free().count(), 0);
+                    },
                 }
                 if let Some(a) = t.active() && before != Some(a) {
                     activations.push(a);

@@ -1,6 +1,7 @@
 //! The store proper: the write path (append, region allocation, FIFO eviction with
 //! reinsertion of hot entries), the read path (verification), removal with tombstones,
-//! flush and checkpoints, and the degraded state.
+//! flush and checkpoints, and the degraded state (and a device smaller than configured:
+//! see `cap_to_allocated`).
 //!
 //! # Locks
 //!
@@ -320,13 +321,17 @@ impl Store {
 
     /// See [`crate::LogStore::stats`].
     pub(crate) fn stats(&self) -> StoreStats {
-        let (entries, used_bytes) = {
+        let (entries, used_bytes, usable) = {
             let st = self.state.lock();
-            (st.index.len() as u64, st.index.used_bytes())
+            (
+                st.index.len() as u64,
+                st.index.used_bytes(),
+                st.regions.usable(),
+            )
         };
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         StoreStats {
-            capacity_bytes: u64::from(self.layout.count) * self.layout.region_size,
+            capacity_bytes: u64::from(usable) * self.layout.region_size,
             used_bytes,
             entries,
             hits: g(&self.c.hits),
@@ -707,22 +712,64 @@ impl Store {
             st.regions.take_free()
         };
         if let Some(r) = free {
-            return match self
+            match self
                 .dev
                 .allocate(self.layout.base(r), self.layout.region_size)
             {
                 Ok(()) => {
                     self.state.lock().regions.activate(r);
-                    Ok(())
+                    return Ok(());
                 }
                 Err(e) => {
                     self.state.lock().regions.return_free(r);
-                    Err(self.io_failed(format!("preallocating region {r}"), e))
+                    if cause_of(&e) != Cause::Space || !self.cap_to_allocated(r) {
+                        return Err(self.io_failed(format!("preallocating region {r}"), e));
+                    }
+                    // Capped: make room by evicting, as a full store does.
                 }
-            };
+            }
         }
         self.complete(batch, results);
         self.evict(batch)
+    }
+
+    /// After no space was left to preallocate free region `failed`: if at least two regions
+    /// are sealed and the oldest one can be allocated again (its space is the store's
+    /// already), the device is taken to be smaller than configured and the free regions are
+    /// set aside for the rest of the run (a restart tries them again), so that the store goes
+    /// on evicting and reusing its own regions instead of staying degraded. Returns whether
+    /// it capped.
+    fn cap_to_allocated(&self, failed: u32) -> bool {
+        let oldest = {
+            let st = self.state.lock();
+            if st.regions.sealed_count() < 2 {
+                return false;
+            }
+            st.regions.oldest_sealed()
+        };
+        let Some(oldest) = oldest else {
+            return false;
+        };
+        // Allocating an allocated range again changes no data; if even that fails the
+        // device is out of space for the store's own regions too.
+        if self
+            .dev
+            .allocate(self.layout.base(oldest), self.layout.region_size)
+            .is_err()
+        {
+            return false;
+        }
+        let usable = self.state.lock().regions.cap_to_allocated();
+        tracing::warn!(
+            regions = usable,
+            configured = self.layout.count,
+            region_size = self.layout.region_size,
+            "no space left to preallocate region {failed}: the device holds {usable} of the \
+             {} configured regions; going on with {usable} (oldest evicted first) until the \
+             store is reopened",
+            self.layout.count
+        );
+        true
     }
 
     /// Evicts the oldest sealed region and makes it the active one, queueing its hot

@@ -1,5 +1,5 @@
-//! Torn and corrupt entries, truncated files, unknown formats, foreign files, locks and
-//! layout changes: a damaged entry is a miss or `Corrupt` (counted), never a hit; a file that
+//! Torn and corrupt entries, truncated files, unknown formats, foreign files, stores of the
+//! other kind, locks and layout changes: a damaged entry is a miss or `Corrupt` (counted), never a hit; a file that
 //! is not ours is never overwritten.
 
 #![allow(clippy::unwrap_used)]
@@ -263,6 +263,125 @@ fn a_foreign_file_or_directory_is_refused_and_left_alone() {
         std::fs::read(c.path.join("store.meta")).unwrap(),
         b"not a superblock"
     );
+}
+
+/// Every file in `dir` (not recursive) with its bytes, sorted by name.
+fn snapshot_dir(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    files.sort_by(|a, b| a.0.cmp(&b.0));
+    files
+}
+
+/// Opens `cfg` expecting [`StoreError::WrongKind`] for `path` with these kinds.
+fn expect_wrong_kind(cfg: &nencache_store::StoreConfig, path: &std::path::Path, kinds: (u32, u32)) {
+    match LogStore::open(cfg.clone()) {
+        Err(e @ StoreError::WrongKind { .. }) => {
+            let StoreError::WrongKind {
+                path: p,
+                found,
+                configured,
+            } = &e
+            else {
+                unreachable!()
+            };
+            assert_eq!(p, path);
+            assert_eq!((*found, *configured), kinds);
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&path.display().to_string())
+                    && msg.contains(&format!("kind {}", kinds.0))
+                    && msg.contains(&format!("kind {}", kinds.1)),
+                "{msg}"
+            );
+        }
+        Err(e) => panic!("{:?}: {e}", cfg.io_engine),
+        Ok(_) => panic!("{:?}: opened a store of the other kind", cfg.io_engine),
+    }
+}
+
+#[test]
+fn a_store_of_the_other_kind_is_refused_and_left_alone() {
+    let t2_engines = [
+        IoEngineKind::Auto,
+        IoEngineKind::IoUring,
+        IoEngineKind::Pread,
+    ];
+    let values: Vec<(u128, usize)> = (1..=6u128).map(|h| (h, 50_000 * h as usize)).collect();
+    let fill = |store: &LogStore| {
+        for &(h, len) in &values {
+            put(store, h, b"m", &value(h, 1, len)).unwrap();
+        }
+    };
+    let check = |store: &LogStore, what: &str| {
+        for &(h, len) in &values {
+            let (o, b, m) = get(store, h).unwrap_or_else(|| panic!("{what}: {h} lost"));
+            assert_eq!(o, ReadOutcome::Hit, "{what}: {h}");
+            assert!(b == value(h, 1, len)[..] && m == b"m", "{what}: {h}");
+        }
+    };
+
+    // A T2 store pointed at a T3 directory's store.meta.
+    let dir = tempfile::tempdir().unwrap();
+    let t3 = cfg(dir.path(), IoEngineKind::Mmap, 8);
+    let store = open(&t3);
+    fill(&store);
+    store.flush().unwrap();
+    put(&store, 99, b"", &value(99, 1, 9000)).unwrap(); // after the checkpoint
+    drop(store);
+    let before = snapshot_dir(&t3.path);
+    for engine in t2_engines {
+        let mut t2 = cfg(dir.path(), engine, 8);
+        t2.path = t3.path.join("store.meta");
+        expect_wrong_kind(&t2, &t2.path, (2, 1));
+        assert!(
+            snapshot_dir(&t3.path) == before,
+            "{engine:?}: the T3 store's files changed"
+        );
+        // Another capacity or region size changes nothing: the kind is checked first.
+        t2.capacity = 32 * MIB;
+        expect_wrong_kind(&t2, &t2.path, (2, 1));
+        assert!(snapshot_dir(&t3.path) == before, "{engine:?}");
+    }
+    let (store, rec) = LogStore::open(t3.clone()).unwrap();
+    assert!(rec.reset.is_none(), "{:?}", rec.reset);
+    assert_eq!(rec.entries, values.len() as u64 + 1);
+    check(&store, "T3 after a T2 open");
+    assert_eq!(get(&store, 99).unwrap().0, ReadOutcome::Hit);
+    drop(store);
+
+    // A T3 store pointed at a directory whose store.meta is a T2 store.
+    for engine in t2_engines {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("t2home");
+        std::fs::create_dir(&home).unwrap();
+        let mut t2 = cfg(dir.path(), engine, 8);
+        t2.path = home.join("store.meta");
+        let store = open(&t2);
+        fill(&store);
+        store.flush().unwrap();
+        drop(store);
+        let before = snapshot_dir(&home);
+        let mut t3 = cfg(dir.path(), IoEngineKind::Mmap, 8);
+        t3.path = home.clone();
+        expect_wrong_kind(&t3, &home.join("store.meta"), (1, 2));
+        assert!(
+            snapshot_dir(&home) == before,
+            "{engine:?}: the T2 store's files changed"
+        );
+        let (store, rec) = LogStore::open(t2.clone()).unwrap();
+        assert!(rec.reset.is_none(), "{:?}", rec.reset);
+        assert_eq!(rec.entries, values.len() as u64);
+        check(&store, "T2 after a T3 open");
+    }
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! Device faults through the `testing` wrapper: EIO and ENOSPC on writes and allocation,
 //! failed reads and syncs, slow reads, a batch torn by a failed write. The store degrades,
-//! keeps serving reads where it can, refuses writes, and recovers through a probe write.
+//! keeps serving reads where it can, refuses writes, and recovers through a probe write;
+//! ENOSPC beyond the regions it already has caps it to those instead.
 
 #![cfg(feature = "testing")]
 #![allow(clippy::unwrap_used)]
@@ -111,6 +112,77 @@ fn enospc_at_region_allocation_degrades_then_recovers() {
         store.set_retry_interval(Duration::ZERO);
         put(&store, 20, b"", &value(20, 1, 300_000)).unwrap();
         assert!(store.degraded().is_none());
+    }
+}
+
+/// Every indexed entry reads back as `value(h, 1, len)`; returns how many there are.
+fn all_indexed_read_back(store: &LogStore, len: usize, what: &str) -> usize {
+    let items = store.indexed();
+    for ((h, _), (o, b, _)) in items.iter().zip(read_many(store, &items)) {
+        assert_eq!(o, ReadOutcome::Hit, "{what}: {h}");
+        assert!(b == value(*h, 1, len)[..], "{what}: {h}");
+    }
+    items.len()
+}
+
+#[test]
+fn enospc_beyond_the_allocated_regions_caps_the_store_instead_of_degrading_it() {
+    const LEN: usize = 300_000; // three per 1 MiB region
+    for engine in ENGINES {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = cfg(dir.path(), engine, 6);
+        let (store, faults) = open(&cfg);
+        // The device holds three regions: preallocating any later one fails.
+        faults.add(
+            FaultRule::fail(FaultOp::Allocate, libc::ENOSPC).at_offsets(4096 + 3 * MIB..u64::MAX),
+        );
+        for h in 1..=40u128 {
+            put(&store, h, b"", &value(h, 1, LEN))
+                .unwrap_or_else(|e| panic!("{engine:?}: write {h}: {e}"));
+            assert!(store.degraded().is_none(), "{engine:?}: {h}");
+        }
+        let st = store.stats();
+        assert_eq!(st.capacity_bytes, 3 * MIB, "{engine:?}");
+        assert!(st.region_evictions > 0, "{engine:?}: {st:?}");
+        assert_eq!(st.io_errors, 0, "{engine:?}");
+        let n = all_indexed_read_back(&store, LEN, &format!("{engine:?}"));
+        assert!((6..=9).contains(&n), "{engine:?}: {n} entries");
+        assert_eq!(get(&store, 40).unwrap().0, ReadOutcome::Hit);
+        drop(store);
+        // A restart tries the configured size again.
+        let (store, faults) = open(&cfg);
+        assert_eq!(store.stats().capacity_bytes, 6 * MIB, "{engine:?}");
+        assert_eq!(all_indexed_read_back(&store, LEN, "reopened"), n);
+        drop((store, faults));
+
+        // When even the store's own regions cannot be allocated again, the store degrades
+        // (and evicts nothing), as with no sealed region.
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = common::cfg(dir.path(), engine, 6);
+        let (store, faults) = open(&cfg);
+        for h in 1..=7u128 {
+            put(&store, h, b"", &value(h, 1, LEN)).unwrap();
+        }
+        let full = faults.add(FaultRule::fail(FaultOp::Allocate, libc::ENOSPC));
+        let mut refused = None;
+        for h in 8..20u128 {
+            if let Err(e) = put(&store, h, b"", &value(h, 1, LEN)) {
+                refused = Some(e);
+                break;
+            }
+        }
+        assert!(
+            matches!(&refused, Some(StoreError::Io { source, .. }) if source.raw_os_error() == Some(libc::ENOSPC)),
+            "{engine:?}: {refused:?}"
+        );
+        assert!(store.degraded().is_some(), "{engine:?}");
+        let st = store.stats();
+        assert_eq!((st.region_evictions, st.capacity_bytes), (0, 6 * MIB));
+        assert_eq!(all_indexed_read_back(&store, LEN, "degraded"), 9);
+        faults.remove(full);
+        store.set_retry_interval(Duration::ZERO);
+        put(&store, 30, b"", &value(30, 1, LEN)).unwrap();
+        assert!(store.degraded().is_none(), "{engine:?}");
     }
 }
 
