@@ -46,9 +46,9 @@ fn tier_config(dir: &Path, tier: Tier, io: IoEngineKind) -> TierConfig {
     }
 }
 
-/// A host arena of `pages` pages over one lower tier in `dir`.
-fn engine(dir: &Path, tier: Tier, io: IoEngineKind, pages: u64) -> Engine {
-    Engine::new(EngineConfig {
+/// A host arena of `pages` pages over `tier`.
+fn config(tier: TierConfig, pages: u64) -> EngineConfig {
+    EngineConfig {
         limits: Limits {
             max_value: 64 << 10,
             ..Limits::default()
@@ -58,13 +58,17 @@ fn engine(dir: &Path, tier: Tier, io: IoEngineKind, pages: u64) -> Engine {
             staging: 64 * PAGE,
             ..HostConfig::default()
         },
-        tiers: vec![tier_config(dir, tier, io)],
+        tiers: vec![tier],
         demotion: DemotionConfig {
             clean_percent: 50,
             queue_bytes: 1 << 20,
         },
-    })
-    .expect("engine")
+    }
+}
+
+/// A host arena of `pages` pages over one lower tier in `dir`.
+fn engine(dir: &Path, tier: Tier, io: IoEngineKind, pages: u64) -> Engine {
+    Engine::new(config(tier_config(dir, tier, io), pages)).expect("engine")
 }
 
 fn value(seed: u64, len: usize) -> Vec<u8> {
@@ -283,26 +287,7 @@ fn faulty_engine(
     let (store, _) =
         nencache_store::LogStore::open_with_faults(t.store.clone(), faults.clone()).expect("store");
     store.set_retry_interval(Duration::from_millis(50));
-    Engine::with_stores(
-        EngineConfig {
-            limits: Limits {
-                max_value: 64 << 10,
-                ..Limits::default()
-            },
-            host: HostConfig {
-                capacity: pages * PAGE,
-                staging: 64 * PAGE,
-                ..HostConfig::default()
-            },
-            tiers: vec![t],
-            demotion: DemotionConfig {
-                clean_percent: 50,
-                queue_bytes: 1 << 20,
-            },
-        },
-        vec![Box::new(store)],
-    )
-    .expect("engine")
+    Engine::with_stores(config(t, pages), vec![Box::new(store)]).expect("engine")
 }
 
 /// A tier directory whose NVMe-style store holds the value `below`, and no agent.

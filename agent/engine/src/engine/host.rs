@@ -444,4 +444,37 @@ impl State {
             }
         }
     }
+
+    /// Takes a free entry slot for a new entry owning `extent` (the caller has allocated
+    /// it); `lens` are the key's and the metadata's lengths.
+    pub(super) fn new_entry(
+        &mut self,
+        hash: u128,
+        extent: Extent,
+        value_len: u64,
+        lens: (usize, usize),
+        expires: u64,
+        state: EntryState,
+    ) -> u32 {
+        let e = self.free_entry;
+        assert_ne!(e, NO_ENTRY, "an entry per arena page and per batch item");
+        let ent = &mut self.entries[e as usize];
+        self.free_entry = ent.link;
+        *ent = Entry {
+            hash,
+            extent,
+            value_len,
+            expires,
+            key_len: lens.0 as u16,
+            meta_len: lens.1 as u16,
+            state,
+            leases: 0,
+            link: NO_ENTRY,
+            run: 0,
+            lower: 0,
+            demoting: false,
+        };
+        self.owner[extent.start as usize] = e;
+        e
+    }
 }

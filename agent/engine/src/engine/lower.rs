@@ -38,7 +38,7 @@ use std::{
 
 use nencache_store::{Location, LogStore, ReadOutcome, ReadReq, StoreError, StoreStats, WriteReq};
 
-use super::{Engine, EntryState, Lease, NO_ENTRY, SessionId, State, pages_for};
+use super::{Engine, EntryState, Lease, SessionId, State, pages_for};
 use crate::{
     config::{Admission, Tier},
     error::{EngineError, Result},
@@ -822,26 +822,14 @@ impl State {
         loc: Location,
         key_len: usize,
     ) -> u32 {
-        let e = self.free_entry;
-        assert_ne!(e, NO_ENTRY, "an entry per arena page and per batch item");
-        let ent = &mut self.entries[e as usize];
-        self.free_entry = ent.link;
-        *ent = super::Entry {
+        self.new_entry(
             hash,
             extent,
-            value_len: loc.value_len,
-            expires: u64::MAX,
-            key_len: key_len as u16,
-            meta_len: loc.meta_len as u16,
-            state: EntryState::Loading,
-            leases: 0,
-            link: NO_ENTRY,
-            run: 0,
-            lower: 0,
-            demoting: false,
-        };
-        self.owner[extent.start as usize] = e;
-        e
+            loc.value_len,
+            (key_len, loc.meta_len as usize),
+            u64::MAX,
+            EntryState::Loading,
+        )
     }
 
     /// Frees a `Loading` entry whose read failed or lost.

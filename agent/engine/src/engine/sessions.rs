@@ -2,7 +2,7 @@
 //! deadline order) and leases (listed per session). Closing a session or reaping expired
 //! reservations walks only these lists.
 
-use super::{Entry, EntryState, NO_ENTRY, PutItem, Reserved, SessionId, State, pages_for};
+use super::{EntryState, PutItem, Reserved, SessionId, State, pages_for};
 use crate::{
     alloc::Extent,
     error::{EngineError, Result},
@@ -101,29 +101,18 @@ impl State {
                 return Err(e);
             }
         };
-        let e = self.free_entry;
-        assert_ne!(e, NO_ENTRY, "an entry per arena page and per batch item");
         let ttl = it
             .ttl
             .or(self.cfg.limits.default_ttl)
             .map_or(u64::MAX, |d| d.as_millis() as u64);
-        let ent = &mut self.entries[e as usize];
-        self.free_entry = ent.link;
-        *ent = Entry {
-            hash: key_hash(it.key, self.seed),
+        let e = self.new_entry(
+            key_hash(it.key, self.seed),
             extent,
-            value_len: it.value_len,
-            expires: ttl,
-            key_len: it.key.len() as u16,
-            meta_len: it.metadata.len() as u16,
-            state: EntryState::Reserved,
-            leases: 0,
-            link: NO_ENTRY,
-            run: 0,
-            lower: 0,
-            demoting: false,
-        };
-        self.owner[extent.start as usize] = e;
+            it.value_len,
+            (it.key.len(), it.metadata.len()),
+            ttl,
+            EntryState::Reserved,
+        );
         self.push_undo(e);
         let mut deadline = now + self.cfg.limits.reservation_timeout.as_millis() as u64;
         if self.newest_res != NIL {
