@@ -72,6 +72,8 @@ class Value:
     def tobytes(self) -> bytes:
         """A copy of the bytes."""
     def __len__(self) -> int: ...
+    def __bool__(self) -> Literal[True]:
+        """Always true (an empty or released value too): ``if v:`` tells it from ``None``."""
     def __enter__(self) -> Value: ...
     def __exit__(
         self,

@@ -10,7 +10,7 @@ use pyo3::{
     exceptions::{PyBufferError, PyTypeError, PyValueError},
     prelude::*,
     sync::PyOnceLock,
-    types::{PyBytes, PyDict, PyList, PyString, PyType},
+    types::{PyByteArray, PyBytes, PyDict, PyList, PyMemoryView, PyString, PyType},
 };
 
 /// The package's module holding the exception classes.
@@ -46,7 +46,11 @@ pub(crate) fn key(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
 /// A batch of keys: any iterable of keys, but not a single key (whose iteration would give
 /// its bytes or characters).
 pub(crate) fn keys(obj: &Bound<'_, PyAny>) -> PyResult<Vec<Vec<u8>>> {
-    if obj.is_instance_of::<PyString>() || PyUntypedBuffer::get(obj).is_ok() {
+    if obj.is_instance_of::<PyString>()
+        || obj.is_instance_of::<PyBytes>()
+        || obj.is_instance_of::<PyByteArray>()
+        || obj.is_instance_of::<PyMemoryView>()
+    {
         return Err(PyTypeError::new_err(format!(
             "keys must be a list (or other iterable) of keys, not a single {}: pass [key]",
             type_name(obj)
@@ -225,7 +229,7 @@ pub(crate) fn tokens(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
     };
     if let Ok(buf) = PyUntypedBuffer::get(obj)
         && buf.is_c_contiguous()
-        && buf.dimensions() <= 1
+        && buf.dimensions() == 1
     {
         let format = buf.format().to_bytes();
         let code = format.last().copied().unwrap_or(b'B');

@@ -233,6 +233,12 @@ impl Value {
         Ok(self.len)
     }
 
+    /// Always true, even for an empty or released value, so that `if v:` tells a value from
+    /// the `None` of a missing key.
+    fn __bool__(&self) -> bool {
+        true
+    }
+
     /// A copy of the bytes (with the GIL released during the copy).
     fn tobytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
         let (ptr, len) = self.pin()?;

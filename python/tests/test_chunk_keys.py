@@ -62,3 +62,5 @@ def test_bad_tokens_and_chunk_sizes_are_refused():
         nencache.chunk_keys("m", [1.5], 1)
     with pytest.raises(TypeError):
         nencache.chunk_keys("m", 5, 1)
+    with pytest.raises(TypeError):
+        nencache.chunk_keys("m", np.array(5), 1)

@@ -57,6 +57,9 @@ def test_every_buffer_type_is_accepted(client, unique):
     assert got["numpy"] == arr.tobytes()
     assert got["array"] == array.array("i", [1, 2, 3]).tobytes()
     assert got["empty"] == b""
+    with client.get([unique("empty"), unique("missing")]) as values:
+        assert [bool(v) for v in values] == [True, False]
+        assert len(values[0]) == 0
 
 
 class FakeTensor:

@@ -55,6 +55,10 @@ def test_bad_keys_are_refused(client):
         client.get(b"key")
     with pytest.raises(TypeError, match=r"\[key\]"):
         client.lookup("key")
+    with pytest.raises(TypeError, match=r"\[key\]"):
+        client.delete(bytearray(b"key"))
+    with pytest.raises(TypeError, match=r"\[key\]"):
+        client.get(memoryview(b"key"))
     with pytest.raises(TypeError):
         client.get(42)
 

@@ -42,6 +42,8 @@ def test_a_view_used_after_its_with_block_raises(client, put_one):
         len(v)
     with pytest.raises(ValueError, match="released"):
         v.tobytes()
+    # Still truthy, as any value (an empty one too): `if v:` tells values from misses.
+    assert v
     # Key and metadata are copies: still readable.
     assert v.key == k and v.metadata == b""
     assert "released" in repr(v)
