@@ -138,13 +138,20 @@ pub(crate) fn value(obj: &Bound<'_, PyAny>, key: &[u8]) -> PyResult<Bytes> {
     }
 }
 
-/// A torch tensor's memory, found by duck typing (`data_ptr`, `is_contiguous`, `device`,
-/// `nbytes`) so that torch is not a dependency; `None` when `obj` is not tensor-like.
+/// A torch tensor's memory (`data_ptr`, `nbytes`); `None` when `obj` is not a
+/// `torch.Tensor`. Only a real tensor is read through its address: torch is not a dependency,
+/// so it is looked up among the modules already imported (a process that has a tensor has
+/// imported torch), and an object that merely looks like a tensor is never trusted with a
+/// raw pointer.
 fn tensor(obj: &Bound<'_, PyAny>, key: &[u8]) -> PyResult<Option<Bytes>> {
-    let tensor_like = ["data_ptr", "is_contiguous", "device", "nbytes"]
-        .iter()
-        .all(|a| obj.hasattr(*a).unwrap_or(false));
-    if !tensor_like {
+    let modules = obj.py().import("sys")?.getattr("modules")?;
+    let Ok(torch) = modules.get_item("torch") else {
+        return Ok(None);
+    };
+    let Ok(tensor_type) = torch.getattr("Tensor") else {
+        return Ok(None);
+    };
+    if !obj.is_instance(&tensor_type)? {
         return Ok(None);
     }
     let name = String::from_utf8_lossy(key);
