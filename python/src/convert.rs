@@ -306,30 +306,6 @@ pub(crate) fn tier(t: v1::Tier) -> &'static str {
     }
 }
 
-/// The name of a gRPC status code, as in the API's error table.
-fn code_name(c: tonic::Code) -> &'static str {
-    use tonic::Code as C;
-    match c {
-        C::Ok => "OK",
-        C::Cancelled => "CANCELLED",
-        C::Unknown => "UNKNOWN",
-        C::InvalidArgument => "INVALID_ARGUMENT",
-        C::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        C::NotFound => "NOT_FOUND",
-        C::AlreadyExists => "ALREADY_EXISTS",
-        C::PermissionDenied => "PERMISSION_DENIED",
-        C::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        C::FailedPrecondition => "FAILED_PRECONDITION",
-        C::Aborted => "ABORTED",
-        C::OutOfRange => "OUT_OF_RANGE",
-        C::Unimplemented => "UNIMPLEMENTED",
-        C::Internal => "INTERNAL",
-        C::Unavailable => "UNAVAILABLE",
-        C::DataLoss => "DATA_LOSS",
-        C::Unauthenticated => "UNAUTHENTICATED",
-    }
-}
-
 /// The exception class for a refusal with gRPC code `c`.
 fn class_of_code(c: tonic::Code) -> &'static str {
     use tonic::Code as C;
@@ -362,7 +338,7 @@ fn describe(e: &ClientError) -> (&'static str, Option<&'static str>, String) {
         ),
         ClientError::Status(s) => (
             class_of_code(s.code()),
-            Some(code_name(s.code())),
+            Some(nencache_api::code_name(s.code())),
             s.message().to_owned(),
         ),
         ClientError::Invalid(m) => ("InvalidArgument", None, m.clone()),

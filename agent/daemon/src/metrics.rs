@@ -86,7 +86,7 @@ impl Metrics {
         self.rpc_total
             .get_or_create(&OutcomeLabels {
                 method,
-                code: code_name(code),
+                code: nencache_api::code_name(code),
             })
             .inc();
     }
@@ -283,31 +283,6 @@ impl Metrics {
         metric("sessions", "gauge", "Sessions open", &[("", s.sessions)]);
         out.push_str("# EOF\n");
         out
-    }
-}
-
-/// The canonical name of a gRPC code (a bounded label value).
-#[must_use]
-pub fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code as C;
-    match code {
-        C::Ok => "OK",
-        C::Cancelled => "CANCELLED",
-        C::Unknown => "UNKNOWN",
-        C::InvalidArgument => "INVALID_ARGUMENT",
-        C::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        C::NotFound => "NOT_FOUND",
-        C::AlreadyExists => "ALREADY_EXISTS",
-        C::PermissionDenied => "PERMISSION_DENIED",
-        C::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        C::FailedPrecondition => "FAILED_PRECONDITION",
-        C::Aborted => "ABORTED",
-        C::OutOfRange => "OUT_OF_RANGE",
-        C::Unimplemented => "UNIMPLEMENTED",
-        C::Internal => "INTERNAL",
-        C::Unavailable => "UNAVAILABLE",
-        C::DataLoss => "DATA_LOSS",
-        C::Unauthenticated => "UNAUTHENTICATED",
     }
 }
 
