@@ -52,8 +52,6 @@ class Value:
     use raises ``ValueError``; views taken before stay valid, and the lease is returned when
     the last of them is released."""
 
-    def __buffer__(self, flags: int, /) -> memoryview: ...
-    def __release_buffer__(self, buffer: memoryview, /) -> None: ...
     @property
     def key(self) -> bytes:
         """The key the value was found under."""

@@ -214,7 +214,10 @@ impl Client {
         fast_path: bool,
         name: Option<String>,
     ) -> PyResult<Self> {
+        // Made absolute now: the client reconnects by this path after an agent restart,
+        // whatever the process's working directory is by then.
         let socket = socket.unwrap_or_else(resolve_default_socket);
+        let socket = std::path::absolute(&socket).unwrap_or(socket);
         let timeout = convert::seconds(timeout, "timeout")?;
         let mut options = ClientOptions {
             verify_puts,

@@ -262,3 +262,19 @@ def test_values_outlive_their_client(agent, unique):
         values = c.get([unique("k")])
     with values:
         assert bytes(values[0]) == b"kept"
+
+
+def test_a_key_twice_in_one_put_many_is_put_once(client, unique):
+    k = unique("twice")
+    assert client.put_many([(k, b"first"), (k, b"second")]) == ["stored", "exists"]
+    with client.get([k]) as (v,):
+        assert bytes(v) == b"first"
+
+
+def test_a_relative_socket_path_is_made_absolute(agent, monkeypatch):
+    monkeypatch.chdir(agent.dir)
+    with nencache.Client("agent.sock") as c:
+        assert os.path.isabs(c.socket)
+        assert c.socket == str(agent.socket)
+        monkeypatch.chdir("/")
+        c.put(b"relative-socket", b"x")

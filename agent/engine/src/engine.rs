@@ -554,13 +554,23 @@ impl Engine {
                 });
             }
         }
+        // A key given twice in one call is put once: a later item finds it as a separate put
+        // would (unless it overwrites). Found before the lock is taken.
+        let mut repeated = vec![false; items.len()];
+        if items.len() > 1 {
+            let mut seen = std::collections::HashSet::with_capacity(items.len());
+            for (i, it) in items.iter().enumerate() {
+                repeated[i] = !seen.insert(it.key);
+            }
+        }
         let now = self.now();
         let mut st = self.state.lock();
         st.session(session)?;
         let mut out = Vec::with_capacity(items.len());
-        for it in items {
+        for (i, it) in items.iter().enumerate() {
             if !it.overwrite
-                && (st.find_live(&self.arena, it.key, now).is_some()
+                && (repeated[i]
+                    || st.find_live(&self.arena, it.key, now).is_some()
                     || self.locate_lower(&st, it.key).is_some())
             {
                 out.push(Reserved::Exists);

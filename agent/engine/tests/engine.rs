@@ -1116,3 +1116,28 @@ proptest! {
         prop_assert_eq!((st.used_bytes, st.entries, st.leases, st.staging_used_bytes), (0, 0, 0, 0));
     }
 }
+
+#[test]
+fn a_key_given_twice_in_one_reserve_is_put_once() {
+    let e = engine(256);
+    let s = e.open_session().unwrap();
+    let item = |k: &'static [u8], overwrite| PutItem {
+        key: k,
+        value_len: 10,
+        metadata: b"",
+        ttl: None,
+        overwrite,
+    };
+    let r = e
+        .reserve(
+            s,
+            &[item(b"d", false), item(b"x", false), item(b"d", false)],
+        )
+        .unwrap();
+    assert!(matches!(r[0], Reserved::Space { .. }));
+    assert!(matches!(r[1], Reserved::Space { .. }));
+    assert_eq!(r[2], Reserved::Exists, "the second `d` is the same put");
+    // Overwrites are reserved each time; the last committed wins.
+    let r = e.reserve(s, &[item(b"o", true), item(b"o", true)]).unwrap();
+    assert!(r.iter().all(|r| matches!(r, Reserved::Space { .. })));
+}
