@@ -635,6 +635,23 @@ struct GetCase {
 }
 
 impl GetCase {
+    /// An empty case, its histograms ready.
+    fn new() -> anyhow::Result<Self> {
+        Ok(Self {
+            bytes: 0,
+            secs: 0.0,
+            lat: Histogram::new(3)?,
+            misses: 0,
+            from_t2: 0,
+            no_space: 0,
+            host_lat: Histogram::new(3)?,
+            host_probe_t2: 0,
+            io_engine: String::new(),
+        })
+    }
+}
+
+impl GetCase {
     /// Adds a later round of the same case to `acc`.
     fn add(acc: &mut Option<Self>, o: Self) -> anyhow::Result<()> {
         match acc {
@@ -694,17 +711,7 @@ fn direct_reads(
         bail!("fewer destination buffers than keys per call");
     }
     let ptrs: Vec<*mut u8> = dst.iter_mut().map(|b| b.as_mut_ptr()).collect();
-    let mut out = GetCase {
-        bytes: 0,
-        secs: 0.0,
-        lat: Histogram::new(3)?,
-        misses: 0,
-        from_t2: 0,
-        no_space: 0,
-        host_lat: Histogram::new(3)?,
-        host_probe_t2: 0,
-        io_engine: String::new(),
-    };
+    let mut out = GetCase::new()?;
     let mut next = 0;
     let start = Instant::now();
     for chunk in shuffled(keys.len(), seed).chunks(per_call) {
@@ -759,17 +766,7 @@ async fn get_case(
     let c = Client::connect(socket).await?;
     let order = shuffled(keys.len(), seed);
     let before = c.stats().await?;
-    let mut out = GetCase {
-        bytes: 0,
-        secs: 0.0,
-        lat: Histogram::new(3)?,
-        misses: 0,
-        from_t2: 0,
-        no_space: 0,
-        host_lat: Histogram::new(3)?,
-        host_probe_t2: 0,
-        io_engine: String::new(),
-    };
+    let mut out = GetCase::new()?;
     let start = Instant::now();
     for chunk in order.chunks(per_call) {
         let ks: Vec<&[u8]> = chunk.iter().map(|&i| keys[i].as_slice()).collect();

@@ -325,8 +325,9 @@ mod tests {
     use super::*;
     use nencache_engine::{EngineConfig, HostConfig, Limits};
 
-    fn ops() -> Ops {
-        let cfg = EngineConfig {
+    /// A 4 MiB host tier taking values of up to 1 MiB, no lower tier.
+    fn config() -> EngineConfig {
+        EngineConfig {
             limits: Limits {
                 max_value: 1 << 20,
                 ..Limits::default()
@@ -337,7 +338,11 @@ mod tests {
                 ..HostConfig::default()
             },
             ..EngineConfig::default()
-        };
+        }
+    }
+
+    fn ops() -> Ops {
+        let cfg = config();
         Ops::new(
             Arc::new(Engine::new(cfg).expect("engine")),
             WireLimits::default(),
@@ -366,17 +371,8 @@ mod tests {
             admission: Admission::All,
         };
         let cfg = EngineConfig {
-            limits: Limits {
-                max_value: 1 << 20,
-                ..Limits::default()
-            },
-            host: HostConfig {
-                capacity: 4 << 20,
-                staging: 1 << 20,
-                ..HostConfig::default()
-            },
             tiers: vec![tier.clone()],
-            ..EngineConfig::default()
+            ..config()
         };
         {
             let e = Engine::new(cfg.clone()).expect("engine");
