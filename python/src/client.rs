@@ -17,9 +17,6 @@ use crate::{
     wait,
 };
 
-// `chunk_keys`'s default chunk size, written out for its Python signature.
-const _: () = assert!(nencache_client::DEFAULT_CHUNK_SIZE == 256);
-
 /// The socket a client uses when none is given: `$NENCACHE_SOCKET`, else the agent's default
 /// (`$XDG_RUNTIME_DIR/nencache/agent.sock` when that variable is an absolute path, else
 /// `/tmp/nencache-$UID/agent.sock`), as the agent and the `nencache` CLI choose it.
@@ -55,17 +52,18 @@ pub(crate) fn default_socket() -> String {
 /// parallelism). `tokens` is a sequence of token ids (0 to 2**32-1) or an integer numpy
 /// array. The keys match those of every other NenCache client (see docs/ARCHITECTURE.md).
 #[pyfunction]
-#[pyo3(signature = (fingerprint, tokens, chunk_size = 256, *, partial = false))]
+#[pyo3(signature = (fingerprint, tokens, chunk_size = None, *, partial = false))]
 pub(crate) fn chunk_keys<'py>(
     py: Python<'py>,
     fingerprint: &str,
     tokens: &Bound<'py, PyAny>,
-    chunk_size: usize,
+    chunk_size: Option<&Bound<'py, PyAny>>,
     partial: bool,
 ) -> PyResult<Vec<Bound<'py, PyBytes>>> {
-    if chunk_size == 0 {
-        return Err(convert::invalid_argument(py, "chunk_size must be positive"));
-    }
+    let chunk_size = match chunk_size {
+        Some(n) => convert::chunk_size(n)?,
+        None => nencache_client::DEFAULT_CHUNK_SIZE,
+    };
     let tokens = convert::tokens(tokens)?;
     let fingerprint = fingerprint.to_owned();
     let keys = py.detach(move || {

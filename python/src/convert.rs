@@ -10,7 +10,7 @@ use pyo3::{
     exceptions::{PyBufferError, PyTypeError, PyValueError},
     prelude::*,
     sync::PyOnceLock,
-    types::{PyByteArray, PyBytes, PyDict, PyList, PyMemoryView, PyString, PyType},
+    types::{PyByteArray, PyBytes, PyDict, PyInt, PyList, PyMemoryView, PyString, PyType},
 };
 
 /// The package's module holding the exception classes.
@@ -134,6 +134,14 @@ pub(crate) fn value(obj: &Bound<'_, PyAny>, key: &[u8]) -> PyResult<Bytes> {
                 type_name(obj)
             ))),
         },
+        // A zero-dimensional array exports no shape, which the buffer reader refuses.
+        Err(e) if obj.getattr("ndim").is_ok_and(|n| n.eq(0).unwrap_or(false)) => {
+            Err(PyBufferError::new_err(format!(
+                "the value of key {:?} is a zero-dimensional array ({e}): values are \
+                 buffers of one or more dimensions; pass x.reshape(1)",
+                name()
+            )))
+        }
         Err(e) => Err(e),
     }
 }
@@ -318,6 +326,24 @@ fn class_of_code(c: tonic::Code) -> &'static str {
     }
 }
 
+/// A chunk size: a positive integer (any other integer is an `InvalidArgument`, whatever its
+/// size; a non-integer a `TypeError`).
+pub(crate) fn chunk_size(obj: &Bound<'_, PyAny>) -> PyResult<usize> {
+    if !obj.is_instance_of::<PyInt>() {
+        return Err(PyTypeError::new_err(format!(
+            "chunk_size must be an integer, not {}",
+            type_name(obj)
+        )));
+    }
+    match obj.extract::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(invalid_argument(
+            obj.py(),
+            &format!("chunk_size must be a positive integer, not {obj}"),
+        )),
+    }
+}
+
 /// The class, code and message of an error.
 fn describe(e: &ClientError) -> (&'static str, Option<&'static str>, String) {
     match e {
@@ -341,7 +367,7 @@ fn describe(e: &ClientError) -> (&'static str, Option<&'static str>, String) {
             Some(nencache_api::code_name(s.code())),
             s.message().to_owned(),
         ),
-        ClientError::Invalid(m) => ("InvalidArgument", None, m.clone()),
+        ClientError::Invalid(m) => ("InvalidArgument", Some("INVALID_ARGUMENT"), m.clone()),
         ClientError::PartialPut { source, .. } => {
             let (class, code, _) = describe(source);
             (class, code, e.to_string())
@@ -368,7 +394,14 @@ pub(crate) fn error(py: Python<'_>, e: &ClientError) -> PyErr {
 
 /// `nencache.InvalidArgument(message)`.
 pub(crate) fn invalid_argument(py: Python<'_>, message: &str) -> PyErr {
-    exception(py, "InvalidArgument", message, None, None).unwrap_or_else(|failed| failed)
+    exception(
+        py,
+        "InvalidArgument",
+        message,
+        Some("INVALID_ARGUMENT"),
+        None,
+    )
+    .unwrap_or_else(|failed| failed)
 }
 
 /// An instance of the exception class `class` of `nencache._errors`.

@@ -48,8 +48,10 @@ def test_partial_chunks_and_prefix_sharing():
 
 
 def test_bad_tokens_and_chunk_sizes_are_refused():
-    with pytest.raises(nencache.InvalidArgument):
-        nencache.chunk_keys("m", [1, 2], 0)
+    for size in (0, -1, -(1 << 70)):
+        with pytest.raises(nencache.InvalidArgument, match="chunk_size") as e:
+            nencache.chunk_keys("m", [1, 2], size)
+        assert e.value.code == "INVALID_ARGUMENT"
     with pytest.raises(nencache.InvalidArgument, match="token"):
         nencache.chunk_keys("m", [-1], 1)
     with pytest.raises(nencache.InvalidArgument, match="token"):
@@ -64,3 +66,5 @@ def test_bad_tokens_and_chunk_sizes_are_refused():
         nencache.chunk_keys("m", 5, 1)
     with pytest.raises(TypeError):
         nencache.chunk_keys("m", np.array(5), 1)
+    with pytest.raises(TypeError, match="chunk_size"):
+        nencache.chunk_keys("m", [1], 2.0)

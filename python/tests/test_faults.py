@@ -33,6 +33,13 @@ def test_non_contiguous_arrays_are_refused(client, unique):
     assert client.put(unique("k"), np.ascontiguousarray(a.T)) == "stored"
 
 
+def test_zero_dimensional_arrays_are_refused_clearly(client, unique):
+    with pytest.raises(BufferError, match=r"zero-dimensional.*reshape\(1\)"):
+        client.put(unique("k"), np.array(5.0, dtype=np.float32))
+    assert client.get([unique("k")]) == [None]
+    assert client.put(unique("k"), np.array(5.0, dtype=np.float32).reshape(1)) == "stored"
+
+
 def test_bad_keys_are_refused(client):
     with pytest.raises(nencache.InvalidArgument) as e:
         client.put(b"k" * 257, b"v")
