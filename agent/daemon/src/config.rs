@@ -181,6 +181,27 @@ pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     /// Lower tiers. Absent: a default disk-backed tier in `data_dir`; `{}`: none.
     pub tiers: Option<TiersFileConfig>,
+    /// LMCache-compatible listeners (off unless given).
+    #[serde(default)]
+    pub compat: CompatFileConfig,
+}
+
+/// `compat:` section.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct CompatFileConfig {
+    /// LMCache's `lm://` protocol.
+    pub lm: Option<ListenFileConfig>,
+}
+
+/// Where a compat listener listens: TCP, a Unix socket, or both.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct ListenFileConfig {
+    /// TCP address, `host:port`.
+    pub tcp: Option<String>,
+    /// Unix socket path.
+    pub socket: Option<PathBuf>,
 }
 
 /// `tiers:` section.
@@ -334,6 +355,12 @@ pub struct ServeArgs {
     /// NVMe tier I/O engine: auto, io_uring or pread [default: auto].
     #[arg(long, env = "NENCACHE_AGENT_IO_ENGINE")]
     pub io_engine: Option<String>,
+    /// Serve LMCache's `lm://` protocol on this TCP address (`host:port`) [default: off]
+    #[arg(long, env = "NENCACHE_AGENT_LM_TCP")]
+    pub lm_tcp: Option<String>,
+    /// Serve LMCache's `lm://` protocol on this Unix socket [default: off]
+    #[arg(long, env = "NENCACHE_AGENT_LM_SOCKET")]
+    pub lm_socket: Option<PathBuf>,
 }
 
 /// Size of the default lower tier: enough to matter, small enough for a laptop.
@@ -396,6 +423,17 @@ pub struct Settings {
     pub engine: EngineConfig,
     /// Whether the lower tier is the built-in default (said in the first log line).
     pub default_tier: bool,
+    /// LMCache-compatible listeners.
+    pub compat: CompatSettings,
+}
+
+/// Where the LMCache-compatible listeners listen (none by default).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CompatSettings {
+    /// `lm://` over TCP.
+    pub lm_tcp: Option<SocketAddr>,
+    /// `lm://` over a Unix socket.
+    pub lm_socket: Option<PathBuf>,
 }
 
 /// The per-user runtime directory the agent uses when no socket is configured.
@@ -536,6 +574,22 @@ impl ServeArgs {
             tiers,
             demotion,
         };
+        let lm = f.compat.lm.unwrap_or_default();
+        let tcp = |addr: Option<String>, what: &str| {
+            addr.filter(|a| !a.is_empty())
+                .map(|a| {
+                    a.parse::<SocketAddr>()
+                        .map_err(|e| invalid(format!("{what} address {a:?}: {e}")))
+                })
+                .transpose()
+        };
+        let compat = CompatSettings {
+            lm_tcp: tcp(a.lm_tcp.or(lm.tcp), "lm:// TCP")?,
+            lm_socket: a
+                .lm_socket
+                .or(lm.socket)
+                .filter(|p| !p.as_os_str().is_empty()),
+        };
         let mut engine = engine;
         // Limits and host tier first, so their errors are the ones reported.
         EngineConfig {
@@ -561,6 +615,7 @@ impl ServeArgs {
                 .map_or(Duration::from_secs(10), |h| h.0),
             engine,
             default_tier,
+            compat,
         })
     }
 

@@ -15,12 +15,14 @@
 //!   engine-error-to-status mapping), shared by both transports;
 //! - [`service`]: the gRPC transport;
 //! - [`attach`]: sessions, descriptor passing and the fast-path transport;
+//! - [`compat`]: LMCache's remote protocols (`lm://`) over the same engine;
 //! - [`admin`], [`metrics`], [`telemetry`]: observability;
 //! - [`cli`]: `put`, `get`, `delete`, `lookup`, `stats`, `demo`.
 
 pub mod admin;
 pub mod attach;
 pub mod cli;
+pub mod compat;
 pub mod config;
 pub mod metrics;
 pub mod ops;

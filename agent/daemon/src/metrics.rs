@@ -9,6 +9,7 @@ use prometheus_client::{
     metrics::{
         counter::Counter,
         family::Family,
+        gauge::Gauge,
         histogram::{Histogram, exponential_buckets},
     },
     registry::Registry,
@@ -30,6 +31,33 @@ pub struct OutcomeLabels {
     pub code: &'static str,
 }
 
+/// Labels of the compat listeners' request counter.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CompatLabels {
+    /// `lm` or `redis`.
+    pub protocol: &'static str,
+    /// The command, lower case.
+    pub command: &'static str,
+    /// `ok`, `hit`, `miss`, `no_space`, ...
+    pub outcome: &'static str,
+}
+
+/// Labels of the compat listeners' latency histogram.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CompatCommandLabels {
+    /// `lm` or `redis`.
+    pub protocol: &'static str,
+    /// The command, lower case.
+    pub command: &'static str,
+}
+
+/// Labels of the compat listeners' connection gauge.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolLabels {
+    /// `lm` or `redis`.
+    pub protocol: &'static str,
+}
+
 /// The agent's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -40,6 +68,12 @@ pub struct Metrics {
     pub rpc_total: Family<OutcomeLabels, Counter>,
     /// Sessions opened.
     pub sessions_opened: Counter,
+    /// Compat-protocol requests by protocol, command and outcome.
+    pub compat_total: Family<CompatLabels, Counter>,
+    /// Compat-protocol request latency by protocol and command.
+    pub compat_seconds: Family<CompatCommandLabels, Histogram>,
+    /// Open compat-protocol connections by protocol.
+    pub compat_open: Family<ProtocolLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -70,11 +104,34 @@ impl Metrics {
             "Client sessions opened",
             sessions_opened.clone(),
         );
+        let compat_total = Family::<CompatLabels, Counter>::default();
+        let compat_seconds = Family::<CompatCommandLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(4e-6, 2.0, 21))
+        });
+        let compat_open = Family::<ProtocolLabels, Gauge>::default();
+        registry.register(
+            "compat_requests",
+            "Requests of the LMCache-compatible listeners by protocol, command and outcome",
+            compat_total.clone(),
+        );
+        registry.register(
+            "compat_request_duration_seconds",
+            "Request latency of the LMCache-compatible listeners",
+            compat_seconds.clone(),
+        );
+        registry.register(
+            "compat_connections",
+            "Open connections of the LMCache-compatible listeners",
+            compat_open.clone(),
+        );
         Self {
             registry,
             rpc_seconds,
             rpc_total,
             sessions_opened,
+            compat_total,
+            compat_seconds,
+            compat_open,
         }
     }
 
@@ -89,6 +146,34 @@ impl Metrics {
                 code: nencache_api::code_name(code),
             })
             .inc();
+    }
+
+    /// Records one request of a compat listener.
+    pub fn observe_compat(
+        &self,
+        protocol: &'static str,
+        command: &'static str,
+        outcome: &'static str,
+        seconds: f64,
+    ) {
+        self.compat_seconds
+            .get_or_create(&CompatCommandLabels { protocol, command })
+            .observe(seconds);
+        self.compat_total
+            .get_or_create(&CompatLabels {
+                protocol,
+                command,
+                outcome,
+            })
+            .inc();
+    }
+
+    /// The gauge of open connections of a compat protocol.
+    #[must_use]
+    pub fn compat_connections(&self, protocol: &'static str) -> Gauge {
+        self.compat_open
+            .get_or_create(&ProtocolLabels { protocol })
+            .clone()
     }
 
     /// The Prometheus text exposition, engine statistics included.

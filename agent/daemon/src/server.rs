@@ -20,7 +20,7 @@ use tokio_stream::{StreamExt, wrappers::UnixListenerStream};
 
 use crate::{
     admin::{self, AdminState},
-    attach,
+    attach, compat,
     config::Settings,
     metrics::Metrics,
     ops::{Ops, WireLimits},
@@ -63,6 +63,8 @@ pub struct Agent {
     grpc: UnixListener,
     attach: UnixListener,
     admin: Option<TcpListener>,
+    /// The `lm://` listeners.
+    lm: Vec<compat::Listener>,
 }
 
 impl Agent {
@@ -101,6 +103,20 @@ impl Agent {
             }
             None => None,
         };
+        let mut lm = Vec::new();
+        if let Some(addr) = settings.compat.lm_tcp {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|source| AgentError::Bind {
+                    what: "lm:// address",
+                    addr: addr.to_string(),
+                    source,
+                })?;
+            lm.push(compat::Listener::Tcp(l));
+        }
+        if let Some(p) = &settings.compat.lm_socket {
+            lm.push(compat::Listener::Unix(bind("lm:// socket", p)?));
+        }
         Ok(Self {
             settings,
             paths,
@@ -109,6 +125,7 @@ impl Agent {
             grpc,
             attach,
             admin,
+            lm,
         })
     }
 
@@ -122,6 +139,15 @@ impl Agent {
     #[must_use]
     pub fn socket(&self) -> &Path {
         &self.paths.grpc
+    }
+
+    /// The bound TCP address of the `lm://` listener, if enabled.
+    #[must_use]
+    pub fn lm_addr(&self) -> Option<SocketAddr> {
+        self.lm.iter().find_map(|l| match l {
+            compat::Listener::Tcp(t) => t.local_addr().ok(),
+            compat::Listener::Unix(_) => None,
+        })
     }
 
     /// The admin endpoint's bound address, if enabled.
@@ -143,6 +169,7 @@ impl Agent {
             grpc,
             attach,
             admin,
+            lm,
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
         let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -158,6 +185,23 @@ impl Agent {
             tokio::spawn(admin::serve(l, state.clone(), stopped(stop_rx.clone())))
         });
         let ops = Ops::new(engine.clone(), WireLimits::default());
+        let compat_ctx = compat::Context {
+            ops: ops.clone(),
+            metrics: metrics.clone(),
+            stop: stop_rx.clone(),
+        };
+        let compat_tasks: Vec<_> = lm
+            .into_iter()
+            .map(|l| {
+                tokio::spawn(compat::serve(
+                    "lm",
+                    l,
+                    compat_ctx.clone(),
+                    settings.shutdown_grace,
+                    compat::lm::connection,
+                ))
+            })
+            .collect();
         let (drained_tx, drained_rx) = watch::channel(false);
         let attach_task = tokio::spawn(attach::serve(
             attach,
@@ -262,6 +306,9 @@ impl Agent {
         // an extent a client still reads.
         let _ = drained_tx.send(true);
         let _ = attach_task.await;
+        for t in compat_tasks {
+            let _ = t.await;
+        }
         let _ = reaper.await;
         demoter_stop.store(true, Ordering::Release);
         engine.wake_demoter();
@@ -293,6 +340,9 @@ impl Agent {
         }
         if let Some(t) = admin_task {
             let _ = t.await;
+        }
+        if let Some(p) = &settings.compat.lm_socket {
+            let _ = std::fs::remove_file(p);
         }
         paths.remove();
         tracing::info!("agent stopped");
