@@ -192,6 +192,22 @@ pub struct FileConfig {
 pub struct CompatFileConfig {
     /// LMCache's `lm://` protocol.
     pub lm: Option<ListenFileConfig>,
+    /// The Redis protocol (RESP2, RESP3).
+    pub redis: Option<RedisFileConfig>,
+}
+
+/// `compat.redis:` section.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct RedisFileConfig {
+    /// TCP address, `host:port`.
+    pub tcp: Option<String>,
+    /// Unix socket path.
+    pub socket: Option<PathBuf>,
+    /// The password clients must give (`AUTH`, `HELLO ... AUTH`).
+    pub password: Option<String>,
+    /// Whether `FLUSHDB`/`FLUSHALL` may empty the cache.
+    pub allow_flush: Option<bool>,
 }
 
 /// Where a compat listener listens: TCP, a Unix socket, or both.
@@ -361,6 +377,18 @@ pub struct ServeArgs {
     /// Serve LMCache's `lm://` protocol on this Unix socket [default: off]
     #[arg(long, env = "NENCACHE_AGENT_LM_SOCKET")]
     pub lm_socket: Option<PathBuf>,
+    /// Serve the Redis protocol on this TCP address (`host:port`) [default: off]
+    #[arg(long, env = "NENCACHE_AGENT_REDIS_TCP")]
+    pub redis_tcp: Option<String>,
+    /// Serve the Redis protocol on this Unix socket [default: off]
+    #[arg(long, env = "NENCACHE_AGENT_REDIS_SOCKET")]
+    pub redis_socket: Option<PathBuf>,
+    /// The password Redis clients must give [default: none]
+    #[arg(long, env = "NENCACHE_AGENT_REDIS_PASSWORD", hide_env_values = true)]
+    pub redis_password: Option<String>,
+    /// Let Redis clients empty the cache with FLUSHDB/FLUSHALL [default: false]
+    #[arg(long, env = "NENCACHE_AGENT_REDIS_ALLOW_FLUSH")]
+    pub redis_allow_flush: Option<bool>,
 }
 
 /// Size of the default lower tier: enough to matter, small enough for a laptop.
@@ -428,12 +456,18 @@ pub struct Settings {
 }
 
 /// Where the LMCache-compatible listeners listen (none by default).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct CompatSettings {
     /// `lm://` over TCP.
     pub lm_tcp: Option<SocketAddr>,
     /// `lm://` over a Unix socket.
     pub lm_socket: Option<PathBuf>,
+    /// Redis over TCP.
+    pub redis_tcp: Option<SocketAddr>,
+    /// Redis over a Unix socket.
+    pub redis_socket: Option<PathBuf>,
+    /// The Redis listener's password and flush permission.
+    pub redis: crate::compat::resp::RedisSettings,
 }
 
 /// The per-user runtime directory the agent uses when no socket is configured.
@@ -575,6 +609,7 @@ impl ServeArgs {
             demotion,
         };
         let lm = f.compat.lm.unwrap_or_default();
+        let redis = f.compat.redis.unwrap_or_default();
         let tcp = |addr: Option<String>, what: &str| {
             addr.filter(|a| !a.is_empty())
                 .map(|a| {
@@ -589,6 +624,18 @@ impl ServeArgs {
                 .lm_socket
                 .or(lm.socket)
                 .filter(|p| !p.as_os_str().is_empty()),
+            redis_tcp: tcp(a.redis_tcp.or(redis.tcp), "Redis TCP")?,
+            redis_socket: a
+                .redis_socket
+                .or(redis.socket)
+                .filter(|p| !p.as_os_str().is_empty()),
+            redis: crate::compat::resp::RedisSettings {
+                password: a
+                    .redis_password
+                    .or(redis.password)
+                    .filter(|p| !p.is_empty()),
+                allow_flush: a.redis_allow_flush.or(redis.allow_flush).unwrap_or(false),
+            },
         };
         let mut engine = engine;
         // Limits and host tier first, so their errors are the ones reported.

@@ -65,6 +65,8 @@ pub struct Agent {
     admin: Option<TcpListener>,
     /// The `lm://` listeners.
     lm: Vec<compat::Listener>,
+    /// The Redis listeners.
+    redis: Vec<compat::Listener>,
 }
 
 impl Agent {
@@ -117,6 +119,20 @@ impl Agent {
         if let Some(p) = &settings.compat.lm_socket {
             lm.push(compat::Listener::Unix(bind("lm:// socket", p)?));
         }
+        let mut redis = Vec::new();
+        if let Some(addr) = settings.compat.redis_tcp {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|source| AgentError::Bind {
+                    what: "Redis address",
+                    addr: addr.to_string(),
+                    source,
+                })?;
+            redis.push(compat::Listener::Tcp(l));
+        }
+        if let Some(p) = &settings.compat.redis_socket {
+            redis.push(compat::Listener::Unix(bind("Redis socket", p)?));
+        }
         Ok(Self {
             settings,
             paths,
@@ -126,6 +142,7 @@ impl Agent {
             attach,
             admin,
             lm,
+            redis,
         })
     }
 
@@ -170,6 +187,7 @@ impl Agent {
             attach,
             admin,
             lm,
+            redis,
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
         let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -190,7 +208,7 @@ impl Agent {
             metrics: metrics.clone(),
             stop: stop_rx.clone(),
         };
-        let compat_tasks: Vec<_> = lm
+        let mut compat_tasks: Vec<_> = lm
             .into_iter()
             .map(|l| {
                 tokio::spawn(compat::serve(
@@ -202,6 +220,18 @@ impl Agent {
                 ))
             })
             .collect();
+        let redis_settings = Arc::new(settings.compat.redis.clone());
+        let redis_shared = Arc::new(compat::resp::Shared::default());
+        compat_tasks.extend(redis.into_iter().map(|l| {
+            let (cfg, shared) = (redis_settings.clone(), redis_shared.clone());
+            tokio::spawn(compat::serve(
+                "redis",
+                l,
+                compat_ctx.clone(),
+                settings.shutdown_grace,
+                move |s, ctx| compat::resp::connection(s, ctx, cfg.clone(), shared.clone()),
+            ))
+        }));
         let (drained_tx, drained_rx) = watch::channel(false);
         let attach_task = tokio::spawn(attach::serve(
             attach,
@@ -341,7 +371,10 @@ impl Agent {
         if let Some(t) = admin_task {
             let _ = t.await;
         }
-        if let Some(p) = &settings.compat.lm_socket {
+        for p in [&settings.compat.lm_socket, &settings.compat.redis_socket]
+            .into_iter()
+            .flatten()
+        {
             let _ = std::fs::remove_file(p);
         }
         paths.remove();

@@ -785,6 +785,92 @@ impl Engine {
         Ok(n)
     }
 
+    /// Changes what a reservation will publish before it is committed: its time to live
+    /// (`Some`: this one instead of the one reserved with) and its metadata (no longer than
+    /// the metadata it was reserved with). For transports that learn them after the value: a
+    /// Redis `SET`'s options follow its value, and LMCache's Redis layout sends a chunk's
+    /// description after its bytes.
+    ///
+    /// # Errors
+    /// An unknown session; an unknown, foreign or committing reservation; metadata longer
+    /// than reserved.
+    pub fn amend_reservation(
+        &self,
+        session: SessionId,
+        id: u64,
+        ttl: Option<Duration>,
+        metadata: Option<&[u8]>,
+    ) -> Result<()> {
+        let mut st = self.state.lock();
+        st.session(session)?;
+        let entry = match st.reservations.get(id) {
+            Some(r) if r.session == session && !r.committing => r.entry,
+            Some(r) if r.committing => return Err(EngineError::CommitInProgress(id)),
+            _ => return Err(EngineError::UnknownReservation(id)),
+        };
+        let ent = st.entries[entry as usize];
+        if let Some(m) = metadata {
+            if m.len() > usize::from(ent.meta_len) {
+                return Err(EngineError::MetadataTooLarge {
+                    len: m.len(),
+                    max: usize::from(ent.meta_len),
+                });
+            }
+            let off = (u64::from(ent.extent.start) * self.page + ent.value_len) as usize
+                + usize::from(ent.key_len);
+            // SAFETY: the extent belongs to this reservation, which is not being committed
+            // (checked under the lock held here), so nothing reads or writes it meanwhile.
+            unsafe { self.arena.write(off, m) };
+            st.entries[entry as usize].meta_len = m.len() as u16;
+        }
+        if let Some(t) = ttl {
+            st.entries[entry as usize].expires = t.as_millis() as u64;
+        }
+        Ok(())
+    }
+
+    /// Sets the time to live of a key held in host memory (`None`: it never expires).
+    /// A copy in a lower tier, which keeps the expiry it was written with, is dropped, so
+    /// that the entry is written down again with the new one. Answers whether the key was
+    /// in host memory (read it first to bring it up from a lower tier).
+    ///
+    /// # Errors
+    /// An invalid key.
+    pub fn set_ttl(&self, key: &[u8], ttl: Option<Duration>) -> Result<bool> {
+        validate_key(key)?;
+        let now = self.now();
+        let mut st = self.state.lock();
+        let Some(e) = st.find_live(&self.arena, key, now) else {
+            return Ok(false);
+        };
+        st.entries[e as usize].expires =
+            ttl.map_or(u64::MAX, |t| now.saturating_add(t.as_millis() as u64));
+        if st.entries[e as usize].lower != 0 {
+            self.remove_lower_entry(&st, e);
+            st.entries[e as usize].lower = 0;
+        }
+        // An entry being written down right now gets its copy with the old expiry; that copy
+        // is read back only after this one is evicted, a window this leaves open.
+        drop(st);
+        self.write_tombstones();
+        Ok(true)
+    }
+
+    /// The time left to a key held in host memory: `None` when it is not there (it may be
+    /// in a lower tier), `Some(None)` when it never expires.
+    ///
+    /// # Errors
+    /// An invalid key.
+    pub fn ttl(&self, key: &[u8]) -> Result<Option<Option<Duration>>> {
+        validate_key(key)?;
+        let now = self.now();
+        let mut st = self.state.lock();
+        Ok(st.find_live(&self.arena, key, now).map(|e| {
+            let exp = st.entries[e as usize].expires;
+            (exp != u64::MAX).then(|| Duration::from_millis(exp.saturating_sub(now)))
+        }))
+    }
+
     /// One step of a walk over the keys held in host memory (live, unexpired entries):
     /// from `cursor` (0 to start), at most `count` entries of the entry table are visited
     /// and the keys among them that `keep` accepts are answered, with the cursor of the next

@@ -1,12 +1,13 @@
 //! Listeners for LMCache's remote protocols, over the same engine as the node-local API: the
-//! `lm://` protocol of LMCache's cache server ([`lm`]). Off unless configured; each listens
-//! on TCP, on a Unix socket, or both.
+//! `lm://` protocol of LMCache's cache server ([`lm`]) and the Redis protocol, RESP2 and
+//! RESP3 ([`resp`]). Off unless configured; each listens on TCP, on a Unix socket, or both.
 //!
 //! What the listeners share lives here: the accept loop with its shutdown, the session a
 //! connection opens on its first data request (an idle connection holds none), and the
 //! LMCache metadata record stored with each value.
 
 pub mod lm;
+pub mod resp;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
