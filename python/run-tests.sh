@@ -30,7 +30,7 @@ venv="$target/pyenv"
 rm -rf "$venv"
 "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip --disable-pip-version-check --quiet)
-"${pip[@]}" install numpy pytest
+"${pip[@]}" install numpy pytest redis
 # A debug build: the tests need no optimized code, and it reuses the workspace's dev
 # artifacts (pip's default for maturin is a release build).
 MATURIN_PEP517_ARGS="--profile dev" "${pip[@]}" install "$root/python"

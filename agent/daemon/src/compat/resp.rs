@@ -86,8 +86,9 @@ pub async fn connection(
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         + 1;
     let mut conn = Conn {
-        rd: BufReader::with_capacity(64 << 10, rd),
-        wr: BufWriter::with_capacity(64 << 10, wr),
+        // Small buffers (an idle connection costs about 40 KiB); values bypass them.
+        rd: BufReader::with_capacity(16 << 10, rd),
+        wr: BufWriter::with_capacity(16 << 10, wr),
         session: Session::new(engine),
         authed: settings.password.is_none(),
         settings,
