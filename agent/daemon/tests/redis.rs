@@ -167,6 +167,12 @@ fn strings_expiry_and_the_keyspace() {
     assert!(matches!(c.cmd(&["PTTL", "p"]), R::Int(1..=150)));
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(c.cmd(&["GET", "p"]), R::Nil, "expired");
+    assert_eq!(
+        c.cmd(&["SET", "t", "v2", "KEEPTTL"]),
+        R::Simple("OK".into())
+    );
+    assert!(matches!(c.cmd(&["TTL", "t"]), R::Int(98..=100)));
+    assert_eq!(c.cmd(&["GET", "t"]), bulk("v2"));
     assert_eq!(c.cmd(&["EXPIRE", "k", "50"]), R::Int(1));
     assert!(matches!(c.cmd(&["TTL", "k"]), R::Int(49 | 50)));
     assert_eq!(c.cmd(&["PEXPIRE", "nokey", "50"]), R::Int(0));
@@ -448,4 +454,64 @@ fn redis_cli_speaks_to_it() {
     assert_eq!(got, hexed);
     assert!(cli(&["-3", "HELLO", "3"], None).starts_with(b"server nencache\nversion "));
     assert_eq!(cli(&["--scan", "--pattern", "b*"], None), b"big\n");
+}
+
+#[test]
+fn a_chunk_put_through_one_protocol_is_found_through_the_other() {
+    let a = TestAgent::start(&["--redis-tcp", "127.0.0.1:0", "--lm-tcp", "127.0.0.1:0"]);
+    let (raddr, laddr) = (listener_addr(&a, "redis"), listener_addr(&a, "lm"));
+    use nencache_agent::compat::lm::{REPLY_LEN, Reply, Request, SUCCESS, command};
+    let mut lm = TcpStream::connect(&laddr).unwrap();
+    let mut r = Redis::connect(&raddr);
+    let value = pattern(11, 100_000);
+    let put = Request {
+        command: command::PUT,
+        length: value.len() as i32,
+        fmt: 1,
+        dtype: 3,
+        location: 0,
+        shape: [2, 2, 25_000, 1],
+        key: b"via-lm".to_vec(),
+    };
+    lm.write_all(&put.encode()).unwrap();
+    lm.write_all(&value).unwrap();
+    // The HEALTH reply orders the PUT before the reads below.
+    let health = Request {
+        command: command::HEALTH,
+        length: 0,
+        key: Vec::new(),
+        ..put.clone()
+    };
+    lm.write_all(&health.encode()).unwrap();
+    let mut h = [0u8; REPLY_LEN];
+    lm.read_exact(&mut h).unwrap();
+    r.send(&[b"GET", b"via-lmkv_bytes"]);
+    assert_eq!(r.reply(), R::Bulk(value.clone()));
+    let mut meta = Vec::new();
+    for v in [100_000i32, 1, 3, 2, 2, 25_000, 1] {
+        meta.extend_from_slice(&v.to_le_bytes());
+    }
+    r.send(&[b"GET", b"via-lmmetadata"]);
+    assert_eq!(r.reply(), R::Bulk(meta.clone()));
+    // And the other way.
+    r.send(&[b"SET", b"via-rediskv_bytes", &value]);
+    assert_eq!(r.reply(), R::Simple("OK".into()));
+    r.send(&[b"SET", b"via-redismetadata", &meta]);
+    assert_eq!(r.reply(), R::Simple("OK".into()));
+    let get = Request {
+        command: command::GET,
+        length: 0,
+        key: b"via-redis".to_vec(),
+        ..put
+    };
+    lm.write_all(&get.encode()).unwrap();
+    lm.read_exact(&mut h).unwrap();
+    let reply = Reply::decode(&h);
+    assert_eq!(
+        (reply.code, reply.length, reply.dtype, reply.shape),
+        (SUCCESS, 100_000, 3, [2, 2, 25_000, 1])
+    );
+    let mut got = vec![0u8; 100_000];
+    lm.read_exact(&mut got).unwrap();
+    assert_eq!(got, value);
 }

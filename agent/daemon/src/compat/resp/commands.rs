@@ -16,6 +16,7 @@ type Done = Result<(&'static str, &'static str), Closed>;
 #[derive(Default)]
 struct SetOptions {
     ttl: Option<Duration>,
+    keep_ttl: bool,
     nx: bool,
     xx: bool,
 }
@@ -464,8 +465,8 @@ impl Conn {
             match opt.as_slice() {
                 b"NX" if !o.xx => o.nx = true,
                 b"XX" if !o.nx => o.xx = true,
-                b"KEEPTTL" if o.ttl.is_none() => {}
-                b"EX" | b"PX" if o.ttl.is_none() && i + 1 < opts.len() => {
+                b"KEEPTTL" if o.ttl.is_none() => o.keep_ttl = true,
+                b"EX" | b"PX" if o.ttl.is_none() && !o.keep_ttl && i + 1 < opts.len() => {
                     let v = parse_int(opts[i + 1].bytes())
                         .filter(|&v| v > 0)
                         .ok_or_else(|| "ERR invalid expire time in 'set' command".to_string())?;
@@ -586,7 +587,12 @@ impl Conn {
             let _ = self.ctx.ops.abort(s.session, &[s.id]);
             return Ok(false);
         }
-        if let Some(ttl) = opts.ttl {
+        let kept = if opts.keep_ttl {
+            self.ctx.ops.engine().ttl(&s.key).ok().flatten().flatten()
+        } else {
+            None
+        };
+        if let Some(ttl) = opts.ttl.or(kept) {
             self.ctx
                 .ops
                 .engine()
