@@ -69,6 +69,9 @@ class Value:
         before is released. Idempotent."""
     def tobytes(self) -> bytes:
         """A copy of the bytes."""
+    def copy_into(self, buffer: Buffer) -> int:
+        """Copies the value into a writable, C-contiguous buffer at least as long as it (from
+        the shared memory straight into it, the GIL released); answers the bytes copied."""
     def __len__(self) -> int: ...
     def __bool__(self) -> Literal[True]:
         """Always true (an empty or released value too): ``if v:`` tells it from ``None``."""

@@ -259,6 +259,48 @@ impl Value {
         out
     }
 
+    /// Copies the value into `buffer` (a writable, C-contiguous buffer at least as long as
+    /// the value: a `bytearray`, a writable `memoryview`, a numpy array), from the agent's
+    /// shared memory straight into it, with the GIL released; answers the number of bytes
+    /// copied (the value's length). This is the one copy a client makes to own the bytes.
+    fn copy_into(&self, py: Python<'_>, buffer: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let buf = pyo3::buffer::PyUntypedBuffer::get(buffer)?;
+        if buf.readonly() {
+            return Err(PyBufferError::new_err(
+                "copy_into needs a writable buffer (a bytearray, a writable memoryview, a \
+                 numpy array)",
+            ));
+        }
+        if !buf.is_c_contiguous() {
+            return Err(PyBufferError::new_err(
+                "copy_into needs a C-contiguous buffer",
+            ));
+        }
+        if buf.len_bytes() < self.len {
+            return Err(PyValueError::new_err(format!(
+                "the buffer holds {} bytes, the value of key {:?} is {} bytes",
+                buf.len_bytes(),
+                String::from_utf8_lossy(&self.key),
+                self.len
+            )));
+        }
+        let (ptr, len) = self.pin()?;
+        let (src, dst) = (ptr as usize, buf.buf_ptr() as usize);
+        py.detach(|| {
+            if len > 0 {
+                // SAFETY: `pin` counted this use, so the `len` leased bytes at `src` stay
+                // mapped and unchanged until `unpin` below. `dst` is the writable,
+                // contiguous memory of the buffer export `buf`, at least `len` bytes long
+                // (checked above), kept valid by `buf` until after this returns; it cannot
+                // overlap the arena, which is mapped read-only in this process.
+                unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, len) };
+            }
+        });
+        self.unpin();
+        drop(buf);
+        Ok(len)
+    }
+
     fn __repr__(&self) -> String {
         let st = self.state.lock();
         let what = if st.released {

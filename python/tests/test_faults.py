@@ -120,6 +120,32 @@ def test_a_full_arena_is_resource_exhausted(own_agent):
         assert c.put(b"after", np.zeros(size, np.uint8)) == "stored"
 
 
+def test_a_get_over_the_sessions_lease_quota_takes_none(tmp_path):
+    from conftest import Agent
+
+    config = tmp_path / "agent.yaml"
+    config.write_text("limits:\n  max_leases_per_session: 4\n")
+    agent = Agent(tmp_path, "--config", str(config)).start()
+    try:
+        with nencache.Client(agent.socket) as c:
+            assert c.info["limits"]["max_leases_per_session"] == 4
+            keys = [f"q{i}".encode() for i in range(5)]
+            c.put_many({k: k for k in keys})
+            with pytest.raises(nencache.ResourceExhausted) as e:
+                c.get(keys)
+            assert e.value.code == "RESOURCE_EXHAUSTED"
+            # Nothing was taken: the quota is whole for a get in parts.
+            with c.get(keys[:4]) as values:
+                assert [bytes(v) for v in values] == keys[:4]
+                with pytest.raises(nencache.ResourceExhausted):
+                    c.get(keys[4:])
+            c.flush_releases()
+            with c.get(keys[4:]) as (v,):
+                assert bytes(v) == keys[4]
+    finally:
+        agent.kill()
+
+
 def test_no_agent_is_a_connection_error_naming_the_socket(tmp_path):
     path = tmp_path / "nobody.sock"
     with pytest.raises(nencache.ConnectionError) as e:
