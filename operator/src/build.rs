@@ -330,8 +330,28 @@ pub fn validate(ncc: &NenCacheCluster, policy: &Policy) -> Result<Validated, Spe
     if spec.tiers.host.huge_pages {
         return Err(SpecError::Unsupported("tiers.host.hugePages"));
     }
-    if spec.compat.lm_port.is_some() || spec.compat.redis_port.is_some() {
-        return Err(SpecError::Unsupported("compat listeners"));
+    let ports = [
+        ("compat.lmPort", spec.compat.lm_port),
+        ("compat.redisPort", spec.compat.redis_port),
+    ];
+    for (i, (field, port)) in ports.iter().enumerate() {
+        let Some(port) = *port else { continue };
+        let clash = if port == 0 {
+            Some("a port number from 1 to 65535")
+        } else if port == spec.metrics.port {
+            Some("the same as metrics.port")
+        } else if ports[..i].iter().any(|(_, p)| *p == Some(port)) {
+            Some("the same as compat.lmPort")
+        } else {
+            None
+        };
+        if let Some(reason) = clash {
+            return Err(SpecError::SizeOutOfRange {
+                field,
+                value: port.to_string(),
+                reason,
+            });
+        }
     }
     if spec.peers.enabled {
         return Err(SpecError::Unsupported("peers"));
@@ -466,6 +486,10 @@ pub struct Resources {
     pub daemon_set: DaemonSet,
     /// Headless Service for peers and metrics.
     pub service: Service,
+    /// The LMCache-compatible listeners' Service (`<agent>-compat`), when the cluster has
+    /// any: a ClusterIP Service with `internalTrafficPolicy: Local`, so that a pod reaches
+    /// the agent of its own node.
+    pub compat_service: Option<Service>,
     /// The agents' identity.
     pub service_account: ServiceAccount,
     /// A Prometheus Operator ServiceMonitor for the agents' metrics, when asked for.
@@ -491,6 +515,12 @@ fn service_monitor(ncc: &NenCacheCluster, agent: &str) -> DynamicObject {
     }));
     sm.metadata = meta(ncc, agent.to_string());
     sm
+}
+
+/// The name of a cluster's compat Service: `<cluster>-agent-compat`.
+#[must_use]
+pub fn compat_service_name(name: &str) -> String {
+    format!("{}-compat", agent_name(name))
 }
 
 /// Name shared by the objects of cluster `name`.
@@ -543,12 +573,21 @@ pub fn agent_config(ncc: &NenCacheCluster, v: &Validated) -> String {
         s.tiers.nvme.as_ref().zip(v.nvme_bytes),
         s.tiers.disk.as_ref().zip(v.disk_bytes),
     );
+    // Writing to a String cannot fail.
+    if s.compat.lm_port.is_some() || s.compat.redis_port.is_some() {
+        out.push_str("compat:\n");
+        if let Some(p) = s.compat.lm_port {
+            let _ = write!(out, "  lm:\n    tcp: 0.0.0.0:{p}\n");
+        }
+        if let Some(p) = s.compat.redis_port {
+            let _ = write!(out, "  redis:\n    tcp: 0.0.0.0:{p}\n");
+        }
+    }
     if nvme.is_none() && disk.is_none() {
         out.push_str("tiers: {}\n");
         return out;
     }
     out.push_str("tiers:\n");
-    // Writing to a String cannot fail.
     if let Some((t, bytes)) = nvme {
         let _ = write!(
             out,
@@ -638,6 +677,32 @@ pub fn build(ncc: &NenCacheCluster, v: &Validated, policy: &Policy) -> Resources
         }),
         ..Service::default()
     };
+    let compat_ports: Vec<ServicePort> = [
+        ("lm", ncc.spec.compat.lm_port),
+        ("redis", ncc.spec.compat.redis_port),
+    ]
+    .into_iter()
+    .filter_map(|(name, port)| {
+        port.map(|p| ServicePort {
+            name: Some(name.into()),
+            port: i32::from(p),
+            target_port: Some(IntOrString::String(name.into())),
+            protocol: Some("TCP".into()),
+            ..ServicePort::default()
+        })
+    })
+    .collect();
+    let compat_service = (!compat_ports.is_empty()).then(|| Service {
+        metadata: meta(ncc, compat_service_name(&name)),
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            selector: Some(selector_labels(&name)),
+            ports: Some(compat_ports),
+            internal_traffic_policy: Some("Local".into()),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    });
     let daemon_set = DaemonSet {
         metadata: meta(ncc, agent.clone()),
         spec: DaemonSetSpec {
@@ -661,6 +726,7 @@ pub fn build(ncc: &NenCacheCluster, v: &Validated, policy: &Policy) -> Resources
         config_map,
         daemon_set,
         service,
+        compat_service,
         service_account,
         service_monitor: ncc
             .spec
@@ -743,11 +809,19 @@ fn pod_template(
         image_pull_policy: Some(s.image_pull_policy.as_str().into()),
         args: Some(args),
         env: (!s.env.is_empty()).then(|| s.env.clone()),
-        ports: Some(vec![ContainerPort {
-            name: Some("metrics".into()),
-            container_port: port,
-            ..ContainerPort::default()
-        }]),
+        ports: Some(
+            std::iter::once(("metrics", Some(s.metrics.port)))
+                .chain([("lm", s.compat.lm_port), ("redis", s.compat.redis_port)])
+                .filter_map(|(name, p)| {
+                    p.map(|p| ContainerPort {
+                        name: Some(name.into()),
+                        container_port: i32::from(p),
+                        protocol: Some("TCP".into()),
+                        ..ContainerPort::default()
+                    })
+                })
+                .collect(),
+        ),
         readiness_probe: Some(probe("/readyz", port, 5)),
         liveness_probe: Some(probe("/healthz", port, 10)),
         resources: Some(s.resources.clone().unwrap_or_else(|| default_resources(v))),

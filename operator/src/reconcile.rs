@@ -35,8 +35,8 @@ use serde_json::json;
 
 use crate::{
     build::{
-        FIELD_MANAGER, Policy, SpecError, Validated, agent_name, build, service_monitor_resource,
-        validate,
+        FIELD_MANAGER, Policy, SpecError, Validated, agent_name, build, compat_service_name,
+        service_monitor_resource, validate,
     },
     crd::{NenCacheCluster, NenCacheClusterStatus},
 };
@@ -293,6 +293,23 @@ async fn apply_all(
             Ok(_) => {}
             Err(kube::Error::Api(e)) if e.code == 404 => {}
             Err(e) => return Err(kube_err("delete_service_monitor")(e)),
+        },
+    }
+    let services: Api<Service> = Api::namespaced(client.clone(), ns);
+    match &r.compat_service {
+        Some(svc) => {
+            apply::<Service>(client, ns, svc, "apply_compat_service").await?;
+        }
+        None => match services
+            .delete(
+                &compat_service_name(&ncc.name_any()),
+                &DeleteParams::default(),
+            )
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(kube_err("delete_compat_service")(e)),
         },
     }
     Ok(ds)

@@ -12,8 +12,10 @@
 //! admitted unchanged except for a `nencache.io/skip-reason` annotation saying why.
 //!
 //! A pod annotated `nencache.io/lmcache: "true"` also gets the environment that points an
-//! unmodified LMCache at the node's agent: `LMCACHE_REMOTE_URL=lm://<node IP>:<lmPort>`
-//! (the node IP from the downward API), `LMCACHE_REMOTE_SERDE=naive`, and `PYTHONHASHSEED=0`
+//! unmodified LMCache at the node's agent:
+//! `LMCACHE_REMOTE_URL=lm://<cluster>-agent-compat.<namespace>.svc:<lmPort>` (the cluster's
+//! compat Service, whose `internalTrafficPolicy: Local` routes to the agent of the pod's own
+//! node), `LMCACHE_REMOTE_SERDE=naive`, and `PYTHONHASHSEED=0`
 //! (LMCache's builtin chunk hash must agree across processes). Variables the container sets
 //! already are kept. When the cluster has no `lm://` listener (`spec.compat.lmPort`) the
 //! socket is still injected and the skip reason says why the LMCache environment was not.
@@ -59,16 +61,15 @@ pub const SOCKET_VOLUME: &str = "nencache-socket";
 pub const SOCKET_ENV: &str = "NENCACHE_SOCKET";
 /// Annotation asking for the LMCache environment.
 pub const LMCACHE_ANNOTATION: &str = "nencache.io/lmcache";
-/// Environment variable holding the node's IP (downward API), used by `LMCACHE_REMOTE_URL`.
-pub const NODE_IP_ENV: &str = "NENCACHE_NODE_IP";
 
 /// The LMCache part of an injection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lmcache {
     /// Not asked for.
     NotAsked,
-    /// Point LMCache at the agent's `lm://` listener on this port of the node.
-    Port(u16),
+    /// Point LMCache at this `lm://` URL: the cluster's compat Service, which routes to the
+    /// agent of the pod's own node.
+    Url(String),
     /// Asked for, but the cluster cannot serve it, for this reason.
     Unavailable(String),
 }
@@ -149,7 +150,11 @@ pub fn decide<C: Borrow<NenCacheCluster>>(
         == Some("true");
     let lmcache = match (asked, chosen.spec.compat.lm_port) {
         (false, _) => Lmcache::NotAsked,
-        (true, Some(port)) => Lmcache::Port(port),
+        (true, Some(port)) => Lmcache::Url(format!(
+            "lm://{}.{}.svc:{port}",
+            crate::build::compat_service_name(&chosen.name_any()),
+            chosen.namespace().unwrap_or_else(|| "default".into())
+        )),
         (true, None) => Lmcache::Unavailable(format!(
             "LMCache environment not injected: NenCacheCluster {} has no lm:// listener (spec.compat.lmPort)",
             cluster_id(chosen)
@@ -166,13 +171,8 @@ pub fn decide<C: Borrow<NenCacheCluster>>(
 /// earlier ones with `$(NAME)`).
 fn injected_env(socket_dir: &str, lmcache: &Lmcache) -> Vec<Value> {
     let mut env = vec![json!({"name": SOCKET_ENV, "value": format!("{socket_dir}/agent.sock")})];
-    if let Lmcache::Port(port) = lmcache {
-        env.push(
-            json!({"name": NODE_IP_ENV, "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}}),
-        );
-        env.push(
-            json!({"name": "LMCACHE_REMOTE_URL", "value": format!("lm://$({NODE_IP_ENV}):{port}")}),
-        );
+    if let Lmcache::Url(url) = lmcache {
+        env.push(json!({"name": "LMCACHE_REMOTE_URL", "value": url}));
         env.push(json!({"name": "LMCACHE_REMOTE_SERDE", "value": "naive"}));
         env.push(json!({"name": "PYTHONHASHSEED", "value": "0"}));
     }

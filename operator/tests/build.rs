@@ -664,7 +664,12 @@ fn invalid_specs_are_refused_with_the_field_named() {
         ("tiers: {host: {size: lots}}", "tiers.host.size"),
         ("tiers: {host: {size: 1Mi}}", "at least 64Mi"),
         ("peers: {enabled: true, tlsSecret: peers-tls}", "peers"),
-        ("compat: {redisPort: 6379}", "compat"),
+        ("compat: {redisPort: 0}", "compat.redisPort"),
+        ("compat: {lmPort: 9464}", "metrics.port"),
+        (
+            "compat: {lmPort: 6379, redisPort: 6379}",
+            "compat.redisPort: 6379 is out of range (the same as compat.lmPort)",
+        ),
         ("socketDir: run/nencache", "absolute"),
     ];
     for (spec, needle) in cases {
@@ -917,4 +922,60 @@ fn the_schema_checks_what_it_can_before_the_reconciler_sees_it() {
             "{bad}"
         );
     }
+}
+
+#[test]
+fn compat_listeners_get_ports_config_and_a_node_local_service() {
+    let r = built(&with_spec("compat: {lmPort: 65432, redisPort: 6379}"));
+    let config = &r.config_map.data.as_ref().unwrap()["agent.yaml"];
+    assert!(
+        config
+            .contains("compat:\n  lm:\n    tcp: 0.0.0.0:65432\n  redis:\n    tcp: 0.0.0.0:6379\n"),
+        "{config}"
+    );
+    // The agent reads it as its listeners.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.yaml");
+    std::fs::write(&path, config).unwrap();
+    let s = ServeArgs {
+        config: Some(path),
+        ..ServeArgs::default()
+    }
+    .resolve(None)
+    .unwrap();
+    assert_eq!(s.compat.lm_tcp, Some("0.0.0.0:65432".parse().unwrap()));
+    assert_eq!(s.compat.redis_tcp, Some("0.0.0.0:6379".parse().unwrap()));
+    let container = &r.daemon_set.spec.template.spec.as_ref().unwrap().containers[0];
+    let ports: Vec<(String, i32)> = container
+        .ports
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|p| (p.name.clone().unwrap(), p.container_port))
+        .collect();
+    assert_eq!(
+        ports,
+        [
+            ("metrics".into(), 9464),
+            ("lm".into(), 65432),
+            ("redis".into(), 6379)
+        ]
+    );
+    let svc = r.compat_service.expect("a compat Service");
+    let spec = svc.spec.unwrap();
+    assert_eq!(svc.metadata.name.as_deref(), Some("cache-agent-compat"));
+    assert_eq!(spec.internal_traffic_policy.as_deref(), Some("Local"));
+    assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
+    assert_eq!(spec.selector, r.daemon_set.spec.selector.match_labels);
+    let ports: Vec<(String, i32)> = spec
+        .ports
+        .unwrap()
+        .iter()
+        .map(|p| (p.name.clone().unwrap(), p.port))
+        .collect();
+    assert_eq!(ports, [("lm".into(), 65432), ("redis".into(), 6379)]);
+    // Without compat ports: no Service, no section.
+    let r = built(&with_spec("{}"));
+    assert!(r.compat_service.is_none());
+    assert!(!r.config_map.data.unwrap()["agent.yaml"].contains("compat"));
 }

@@ -52,6 +52,12 @@ fn generated_manifests_pass_strict_kubernetes_validation() {
             format!("{fixture}-svc.yaml"),
             serde_yaml_ng::to_string(&r.service).unwrap(),
         );
+        if let Some(svc) = &r.compat_service {
+            write(
+                format!("{fixture}-compat-svc.yaml"),
+                serde_yaml_ng::to_string(svc).unwrap(),
+            );
+        }
         write(
             format!("{fixture}-sa.yaml"),
             serde_yaml_ng::to_string(&r.service_account).unwrap(),

@@ -83,7 +83,18 @@ async fn expect_agents_two_of_three_ready(h: &mut Mock) {
         not_found(),
     )
     .await;
+    // No compat listeners: a compat Service left from before is deleted (none here).
+    expect(
+        h,
+        http::Method::DELETE,
+        COMPAT_SERVICE,
+        StatusCode::NOT_FOUND,
+        not_found(),
+    )
+    .await;
 }
+
+const COMPAT_SERVICE: &str = "/api/v1/namespaces/ml/services/cache-agent-compat";
 
 async fn expect(
     h: &mut Mock,
@@ -307,6 +318,14 @@ async fn a_service_monitor_is_applied_and_a_missing_prometheus_operator_is_a_war
             .body(Body::from(serde_json::to_vec(&not_found()).unwrap()))
             .unwrap(),
     );
+    expect(
+        &mut h,
+        http::Method::DELETE,
+        COMPAT_SERVICE,
+        StatusCode::NOT_FOUND,
+        not_found(),
+    )
+    .await;
     let status_path = "/apis/nencache.io/v1alpha1/namespaces/ml/nencacheclusters/cache/status";
     expect_apply(&mut h, status_path, StatusCode::OK, |_| {
         serde_json::to_value(cluster(spec)).unwrap()
@@ -500,5 +519,39 @@ async fn a_socket_dir_outside_the_allowed_host_paths_is_refused_before_anything_
     let (kind, reason, note) = expect_event(&mut h).await;
     assert_eq!((kind.as_str(), reason.as_str()), ("Warning", "InvalidSpec"));
     assert_eq!(note, msg);
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn compat_listeners_get_their_node_local_service_applied() {
+    let (ctx, mut h) = mock();
+    let spec = json!({"compat": {"lmPort": 65432}});
+    let task = tokio::spawn(reconcile(Arc::new(cluster(spec.clone())), ctx));
+    for path in [
+        "/api/v1/namespaces/ml/serviceaccounts/cache-agent",
+        "/api/v1/namespaces/ml/configmaps/cache-agent-config",
+        "/api/v1/namespaces/ml/services/cache-agent",
+        "/apis/apps/v1/namespaces/ml/daemonsets/cache-agent",
+    ] {
+        expect_apply(&mut h, path, StatusCode::OK, |b| b).await;
+    }
+    expect(
+        &mut h,
+        http::Method::DELETE,
+        SERVICE_MONITOR,
+        StatusCode::NOT_FOUND,
+        not_found(),
+    )
+    .await;
+    let svc = expect_apply(&mut h, COMPAT_SERVICE, StatusCode::OK, |b| b).await;
+    assert_eq!(svc["spec"]["internalTrafficPolicy"], "Local");
+    assert_eq!(svc["spec"]["ports"][0]["port"], 65432);
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], "lm");
+    assert_eq!(svc["metadata"]["ownerReferences"][0]["uid"], "u-1");
+    expect_apply(&mut h, STATUS, StatusCode::OK, |_| {
+        serde_json::to_value(cluster(spec)).unwrap()
+    })
+    .await;
+    assert_eq!(expect_event(&mut h).await.1, "Applied");
     task.await.unwrap().unwrap();
 }

@@ -204,23 +204,18 @@ fn the_lmcache_environment_points_lmcache_at_the_nodes_agent() {
             .map(|v| v["name"].as_str().unwrap().to_string())
             .collect::<Vec<_>>()
     };
-    // The pod's own PYTHONHASHSEED is kept; the node IP comes before the URL that uses it.
+    // The pod's own PYTHONHASHSEED is kept; the URL names the cluster's compat Service.
     assert_eq!(
         names(&env(0)),
         [
             "PYTHONHASHSEED",
             "NENCACHE_SOCKET",
-            "NENCACHE_NODE_IP",
             "LMCACHE_REMOTE_URL",
             "LMCACHE_REMOTE_SERDE"
         ]
     );
     assert_eq!(env(0)[0]["value"], "7");
-    assert_eq!(
-        env(0)[2]["valueFrom"]["fieldRef"]["fieldPath"],
-        "status.hostIP"
-    );
-    assert_eq!(env(0)[3]["value"], "lm://$(NENCACHE_NODE_IP):65432");
+    assert_eq!(env(0)[2]["value"], "lm://a-agent-compat.cache.svc:65432");
     assert!(env(1).contains(&json!({"name": "PYTHONHASHSEED", "value": "0"})));
     assert!(
         out["metadata"]["annotations"]
