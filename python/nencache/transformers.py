@@ -11,7 +11,9 @@ the rest of the prompt is prefilled::
     prefix_cache = PrefixCache(nencache.Client(), model)
     result = prefix_cache.prefill(input_ids)        # loads, prefills the rest, stores
     next_token = result.logits[0, -1].argmax()
-    # result.cache holds the whole prompt: pass it on to decode (cache=... / past_key_values=...)
+    # result.cache holds the whole prompt: decode on from result.logits, feeding one token
+    # at a time with cache=result.cache (not model.generate(prompt, ...), which would
+    # prefill the prompt's last token again)
 
 **Chunk format.** One value per chunk of ``chunk_size`` tokens holds the keys and values of
 every layer, in the model's dtype, laid out ``[layer][k, v][kv_head][token][head_dim]``
@@ -34,7 +36,7 @@ import warnings
 from typing import Any
 
 from . import _native
-from ._errors import Error
+from ._errors import Error, ResourceExhausted
 
 __all__ = [
     "KVLayout",
@@ -98,8 +100,14 @@ class KVLayout:
     def check(self, metadata: bytes, size: int, what: str) -> None:
         """Raises :class:`MetadataMismatch` unless a chunk with this ``metadata`` and ``size``
         is one of this layout's."""
+        def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+            keys = [k for k, _ in pairs]
+            if len(set(keys)) != len(keys):
+                raise ValueError("a field is given twice")
+            return dict(pairs)
+
         try:
-            got = json.loads(metadata)
+            got = json.loads(metadata, object_pairs_hook=no_duplicates)
         except (ValueError, UnicodeDecodeError):
             raise MetadataMismatch(
                 f"{what}: its metadata is not a {FORMAT} description ({metadata[:64]!r})"
@@ -108,11 +116,16 @@ class KVLayout:
             raise MetadataMismatch(f"{what}: its metadata is not a JSON object")
         want = json.loads(self.metadata())
         for field, value in want.items():
-            if got.get(field) != value:
+            have = got.get(field)
+            # Types too: 3.0 is not the layer count 3.
+            if have != value or type(have) is not type(value):
                 raise MetadataMismatch(
-                    f"{what}: it was stored with {field}={got.get(field)!r}, "
+                    f"{what}: it was stored with {field}={have!r}, "
                     f"the model needs {field}={value!r}"
                 )
+        extra = sorted(set(got) - set(want))
+        if extra:
+            raise MetadataMismatch(f"{what}: its metadata has fields this layout does not: {extra}")
         if size != self.chunk_bytes:
             raise MetadataMismatch(
                 f"{what}: it holds {size} bytes, a chunk of this layout {self.chunk_bytes}"
@@ -135,6 +148,13 @@ class KVLayout:
                 f"{type(model).__name__} has layers of types {sorted(set(layer_types))}: "
                 "only models whose every layer is full attention are supported"
             )
+        window = getattr(text, "sliding_window", None)
+        if not layer_types and window is not None and getattr(text, "use_sliding_window", True):
+            # Mistral-style: one window for every layer, its cache keeps the last tokens only.
+            raise NotImplementedError(
+                f"{type(model).__name__} uses sliding-window attention ({window} tokens): only "
+                "models whose every layer is full attention are supported"
+            )
         heads = text.num_attention_heads
         kv_heads = getattr(text, "num_key_value_heads", None) or heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
@@ -151,20 +171,30 @@ class KVLayout:
 
 def model_fingerprint(model: Any) -> str:
     """A name for ``model``'s weights: its type, its config's model type, the last part of
-    its name or path, its dtype and a hash of every parameter's name and shape and a sample
-    of its bytes (the first and last 4 KiB). Two processes that load the same weights get
+    its name or path, its dtype and a hash of its configuration (all of it but its name,
+    version and attention implementation) and of every parameter's name and shape and a
+    sample of its bytes (the first and last 4 KiB, on any device). Two processes that load the same weights get
     the same fingerprint; a fine-tune gets another. Pass ``fingerprint=`` to name the model
     yourself (a hub id and revision, say)."""
     torch = _torch()
     h = hashlib.blake2b(digest_size=12)
+    # The configuration too: the same weights with another RoPE setting give other keys.
+    config = {
+        k: v
+        for k, v in model.config.to_dict().items()
+        if k not in ("_name_or_path", "transformers_version", "_commit_hash")
+        and not k.startswith("_attn_implementation")
+    }
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, p in model.named_parameters():
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
         flat = p.detach().reshape(-1)
-        if flat.device.type != "cpu":
-            flat = torch.cat([flat[:1024], flat[-1024:]]).cpu()
-        raw = flat.view(torch.uint8) if flat.is_contiguous() else flat.contiguous().view(torch.uint8)
-        h.update(raw[:4096].numpy().tobytes())
-        h.update(raw[-4096:].numpy().tobytes())
+        # The first and last 4 KiB of its bytes, the same on every device.
+        n = -(-4096 // max(flat.element_size(), 1))
+        head = flat[:n].cpu().contiguous().view(torch.uint8)[:4096]
+        tail = flat[-n:].cpu().contiguous().view(torch.uint8)[-4096:]
+        h.update(head.numpy().tobytes())
+        h.update(tail.numpy().tobytes())
     name = str(getattr(model.config, "_name_or_path", "") or "").rstrip("/").rsplit("/", 1)[-1]
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     return f"{type(model).__name__}:{model.config.model_type}:{name}:{dtype}:{h.hexdigest()}"
@@ -194,6 +224,17 @@ class Prefill:
 def _token_list(tokens: Any) -> list[int]:
     """Token ids as a list: from a sequence, a 1-D tensor or array, or a batch of one."""
     shape = getattr(tokens, "shape", None)
+    dtype = getattr(tokens, "dtype", None)
+    if dtype is not None:
+        kind = getattr(dtype, "kind", None)  # numpy
+        if kind is not None and kind not in "iu":
+            raise TypeError(f"token ids must be integers, not {dtype}")
+        if kind is None and (getattr(dtype, "is_floating_point", False) or str(dtype) in (
+            "torch.bool",
+            "torch.complex64",
+            "torch.complex128",
+        )):
+            raise TypeError(f"token ids must be integers, not {dtype}")
     if shape is not None:
         if len(shape) == 2:
             if shape[0] != 1:
@@ -204,7 +245,12 @@ def _token_list(tokens: Any) -> list[int]:
         return [int(t) for t in tokens.tolist()]
     if isinstance(tokens, (str, bytes)):
         raise TypeError("tokens must be token ids, not text: tokenize the prompt first")
-    return [int(t) for t in tokens]
+    out = []
+    for t in tokens:
+        if isinstance(t, (bool, float)) or not hasattr(t, "__index__"):
+            raise TypeError(f"token ids must be integers, not {type(t).__name__}")
+        out.append(int(t))
+    return out
 
 
 def _layer_tensors(cache: Any) -> list[tuple[Any, Any]]:
@@ -240,7 +286,19 @@ class PrefixCache:
         self.client = client
         self.model = model
         self.layout = KVLayout.of(model, chunk_size=chunk_size, fingerprint=fingerprint)
+        if ttl is not None:
+            seconds = ttl.total_seconds() if hasattr(ttl, "total_seconds") else ttl
+            if not isinstance(seconds, (int, float)) or not 0 < seconds < float("inf"):
+                raise ValueError(f"ttl must be a positive number of seconds, not {ttl!r}")
         self.ttl = ttl
+        limit = client.info["limits"]["max_value_len"] if client is not None else None
+        if limit is not None and self.layout.chunk_bytes > limit:
+            per_token = self.layout.chunk_bytes // self.layout.chunk_size
+            raise ValueError(
+                f"a chunk of {self.layout.chunk_size} tokens is {self.layout.chunk_bytes} bytes, "
+                f"over the agent's largest value ({limit} bytes): use chunk_size <= "
+                f"{limit // per_token}, or raise the agent's max_value"
+            )
         self._metadata = self.layout.metadata()
         self._cache_arg = cache_argument(model)
         self._has_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -265,6 +323,8 @@ class PrefixCache:
         was stored for another layout (nothing is loaded then)."""
         torch = _torch()
         ids = _token_list(tokens)
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)):
+            raise TypeError(f"max_tokens must be an integer, not {type(max_tokens).__name__}")
         limit = len(ids) - 1 if max_tokens is None else min(max_tokens, len(ids))
         layout = self.layout
         if limit <= 0:
@@ -306,6 +366,14 @@ class PrefixCache:
         layout = self.layout
         H, C, D = layout.kv_heads, layout.chunk_size, layout.head_dim
         dtype = getattr(torch, layout.dtype)
+        shape = (layout.layers, 2, H, C, D)
+        for i, c in enumerate(chunks):
+            if tuple(c.shape) != shape or c.dtype != dtype:
+                raise MetadataMismatch(
+                    f"chunk {i} is {tuple(c.shape)} {c.dtype}, this layout's are {shape} {dtype}"
+                )
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or not 0 < tokens <= len(chunks) * C:
+            raise ValueError(f"tokens must be from 1 to {len(chunks) * C}, not {tokens!r}")
         layers = []
         for layer in range(layout.layers):
             kv = []
@@ -349,6 +417,8 @@ class PrefixCache:
         if len(tensors) != L:
             raise MetadataMismatch(f"the cache has {len(tensors)} layers, the model {L}")
         k0 = tensors[0][0]
+        if k0 is None:
+            raise MetadataMismatch("the cache holds no tokens")
         seq = k0.shape[-2]
         keys = _native.chunk_keys(layout.fingerprint, ids[: min(len(ids), seq)], C)
         if not keys:
@@ -395,7 +465,13 @@ class PrefixCache:
         if not ids:
             raise ValueError("an empty prompt has nothing to prefill")
         prefix = self.load(ids)
-        rest = torch.tensor([ids[prefix.tokens :]], dtype=torch.long, device=self.model.device)
+        device = self.model.device
+        if prefix.cache is not None and getattr(device, "type", "cpu") != "cpu":
+            for layer in getattr(prefix.cache, "layers", []):
+                layer.keys = layer.keys.to(device, non_blocking=True)
+                layer.values = layer.values.to(device, non_blocking=True)
+                layer.device = device
+        rest = torch.tensor([ids[prefix.tokens :]], dtype=torch.long, device=device)
         kwargs: dict[str, Any] = {"use_cache": True}
         if prefix.cache is not None:
             kwargs[self._cache_arg] = prefix.cache
@@ -409,7 +485,14 @@ class PrefixCache:
         logits = out.logits
         if not self._has_logits_to_keep and logits_to_keep:
             logits = logits[:, -logits_to_keep:]
-        stored = self.store(ids, cache) if store else 0
+        stored = 0
+        if store:
+            try:
+                stored = self.store(ids, cache)
+            except ResourceExhausted as e:
+                # The agent is full of leased or reserved values right now: the prefill
+                # stands, its chunks are not cached this time.
+                warnings.warn(f"nencache: prompt chunks not stored: {e}", RuntimeWarning, stacklevel=2)
         return Prefill(logits, cache, prefix.tokens, stored)
 
 

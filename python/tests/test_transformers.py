@@ -199,6 +199,76 @@ def test_a_cache_of_another_shape_is_not_stored(tiny, client, unique):
         pc.load("some text")
 
 
+@needs_torch
+def test_what_cannot_be_cached_correctly_is_refused_up_front(tiny, client, unique):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    from nencache.transformers import MetadataMismatch, PrefixCache, model_fingerprint
+
+    # A sliding window the config does not list per layer (Mistral): refused.
+    small = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2)
+    mistral = MistralForCausalLM(MistralConfig(sliding_window=24, **small))
+    with pytest.raises(NotImplementedError, match="sliding"):
+        PrefixCache(client, mistral)
+    # Same weights, another RoPE: another fingerprint (the cached keys carry RoPE).
+    torch.manual_seed(1)
+    a = LlamaForCausalLM(LlamaConfig(**small))
+    b = LlamaForCausalLM(LlamaConfig(rope_theta=500.0, **small))
+    b.load_state_dict(a.state_dict())
+    assert model_fingerprint(a) != model_fingerprint(b)
+    # A chunk over the agent's largest value, and bad TTLs.
+    limit = client.info["limits"]["max_value_len"]
+    per_token = PrefixCache(client, tiny, chunk_size=1).layout.chunk_bytes
+    with pytest.raises(ValueError, match="largest value"):
+        PrefixCache(client, tiny, chunk_size=limit // per_token + 1)
+    for ttl in (0, -1, float("nan"), float("inf"), "5"):
+        with pytest.raises(ValueError, match="ttl"):
+            PrefixCache(client, tiny, ttl=ttl)
+    pc = PrefixCache(client, tiny, chunk_size=8, fingerprint=unique("strict").decode())
+    # Token ids that are not integers.
+    for bad in (torch.tensor([1.0, 2.0]), torch.tensor([True, False]), [1.5, 2]):
+        with pytest.raises(TypeError, match="integers"):
+            pc.load(bad)
+    with pytest.raises(TypeError, match="max_tokens"):
+        pc.load([1, 2, 3], max_tokens=2.0)
+    # Chunks of another shape, and token counts out of range.
+    with pytest.raises(MetadataMismatch, match="chunk 0"):
+        pc.cache_from_chunks([torch.ones(3, 2, 2, 4, 16)], 4)
+    good = torch.zeros(pc.layout.layers, 2, 2, 8, pc.layout.head_dim)
+    for n in (0, -3, 9):
+        with pytest.raises(ValueError, match="tokens"):
+            pc.cache_from_chunks([good], n)
+    from transformers import DynamicCache
+
+    with pytest.raises(MetadataMismatch, match="no tokens"):
+        pc.store(list(range(16)), DynamicCache(config=tiny.config))
+
+
+@needs_torch
+def test_metadata_with_extra_repeated_or_retyped_fields_is_refused(tiny, client, unique):
+    import json
+
+    from nencache.transformers import MetadataMismatch, PrefixCache
+
+    pc = PrefixCache(client, tiny, chunk_size=8, fingerprint=unique("meta").decode())
+    ids = list(range(20))
+    key = pc.keys(ids)[0]
+    good = json.loads(pc.layout.metadata())
+    raw = pc.layout.metadata()
+    variants = [
+        json.dumps({**good, "byteorder": "big"}).encode(),
+        raw[:-1] + b',"dtype":"float32"}',  # repeated field, the last one right
+        json.dumps({**good, "layers": float(good["layers"])}).encode(),
+    ]
+    for meta in variants:
+        client.delete([key])
+        client.put(key, b"\0" * pc.layout.chunk_bytes, metadata=meta)
+        with pytest.raises(MetadataMismatch):
+            pc.load(ids)
+
+
 def _pairs(cache):
     from nencache.transformers import _layer_tensors
 
