@@ -92,47 +92,13 @@ impl Agent {
         let grpc = bind("gRPC socket", &paths.grpc)?;
         let attach = bind("attach socket", &paths.attach)?;
         let admin = match settings.admin_addr {
-            Some(addr) => {
-                Some(
-                    TcpListener::bind(addr)
-                        .await
-                        .map_err(|source| AgentError::Bind {
-                            what: "admin address",
-                            addr: addr.to_string(),
-                            source,
-                        })?,
-                )
-            }
+            Some(addr) => Some(bind_tcp("admin address", addr).await?),
             None => None,
         };
-        let mut lm = Vec::new();
-        if let Some(addr) = settings.compat.lm_tcp {
-            let l = TcpListener::bind(addr)
-                .await
-                .map_err(|source| AgentError::Bind {
-                    what: "lm:// address",
-                    addr: addr.to_string(),
-                    source,
-                })?;
-            lm.push(compat::Listener::Tcp(l));
-        }
-        if let Some(p) = &settings.compat.lm_socket {
-            lm.push(compat::Listener::Unix(bind("lm:// socket", p)?));
-        }
-        let mut redis = Vec::new();
-        if let Some(addr) = settings.compat.redis_tcp {
-            let l = TcpListener::bind(addr)
-                .await
-                .map_err(|source| AgentError::Bind {
-                    what: "Redis address",
-                    addr: addr.to_string(),
-                    source,
-                })?;
-            redis.push(compat::Listener::Tcp(l));
-        }
-        if let Some(p) = &settings.compat.redis_socket {
-            redis.push(compat::Listener::Unix(bind("Redis socket", p)?));
-        }
+        let c = &settings.compat;
+        let lm = compat_listeners("lm://", c.lm_tcp, c.lm_socket.as_deref(), &bind).await?;
+        let redis =
+            compat_listeners("Redis", c.redis_tcp, c.redis_socket.as_deref(), &bind).await?;
         Ok(Self {
             settings,
             paths,
@@ -381,6 +347,40 @@ impl Agent {
         tracing::info!("agent stopped");
         result
     }
+}
+
+/// A TCP listener on `addr`; `what` names it in the error.
+async fn bind_tcp(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AgentError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AgentError::Bind {
+            what,
+            addr: addr.to_string(),
+            source,
+        })
+}
+
+/// The listeners of one compat protocol (`lm://` or `Redis`): on `tcp` and on the Unix
+/// socket `socket`, each if configured.
+async fn compat_listeners(
+    protocol: &'static str,
+    tcp: Option<SocketAddr>,
+    socket: Option<&Path>,
+    bind_unix: &impl Fn(&'static str, &Path) -> Result<UnixListener, AgentError>,
+) -> Result<Vec<compat::Listener>, AgentError> {
+    let [tcp_what, unix_what] = if protocol == "lm://" {
+        ["lm:// address", "lm:// socket"]
+    } else {
+        ["Redis address", "Redis socket"]
+    };
+    let mut out = Vec::new();
+    if let Some(addr) = tcp {
+        out.push(compat::Listener::Tcp(bind_tcp(tcp_what, addr).await?));
+    }
+    if let Some(p) = socket {
+        out.push(compat::Listener::Unix(bind_unix(unix_what, p)?));
+    }
+    Ok(out)
 }
 
 /// Resolves on SIGTERM or SIGINT.

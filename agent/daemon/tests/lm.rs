@@ -9,29 +9,14 @@ mod common;
 use std::{
     io::{Read, Write},
     net::TcpStream,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use common::{TestAgent, pattern};
+use common::{TestAgent, listener_addr, pattern};
 use nencache_agent::compat::lm::{FAIL, REPLY_LEN, Reply, Request, SUCCESS, command};
 
 fn lm_addr(agent: &TestAgent) -> String {
-    let t = Instant::now();
-    loop {
-        let log = agent.log();
-        if let Some(line) = log
-            .lines()
-            .find(|l| l.contains("compat listener serving") && l.contains("\"protocol\":\"lm\""))
-        {
-            let start = line.find("\"addr\":\"").unwrap() + 8;
-            return line[start..].split('"').next().unwrap().to_string();
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "no lm listener: {log}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    listener_addr(agent, "lm")
 }
 
 fn agent(extra: &[&str]) -> (TestAgent, String) {

@@ -9,26 +9,10 @@ mod common;
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::TcpStream,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use common::{TestAgent, pattern};
-
-fn listener_addr(agent: &TestAgent, protocol: &str) -> String {
-    let t = Instant::now();
-    loop {
-        let log = agent.log();
-        if let Some(line) = log.lines().find(|l| {
-            l.contains("compat listener serving")
-                && l.contains(&format!("\"protocol\":\"{protocol}\""))
-        }) {
-            let start = line.find("\"addr\":\"").unwrap() + 8;
-            return line[start..].split('"').next().unwrap().to_string();
-        }
-        assert!(t.elapsed() < Duration::from_secs(10), "no listener: {log}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use common::{TestAgent, listener_addr, pattern};
 
 fn agent(extra: &[&str]) -> (TestAgent, String) {
     let mut args = vec!["--redis-tcp", "127.0.0.1:0"];

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use nencache_engine::{EngineError, PutItem, Reserved};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{Context, IO_TIMEOUT, LmMeta, Session, Stream};
+use super::{Context, IO_TIMEOUT, LmMeta, Session, Stream, int_at, put_ints};
 
 /// Request header length.
 pub const REQUEST_LEN: usize = 186;
@@ -68,12 +68,6 @@ pub struct Request {
     pub key: Vec<u8>,
 }
 
-fn int_at(b: &[u8], i: usize) -> i32 {
-    let mut w = [0u8; 4];
-    w.copy_from_slice(&b[i * 4..i * 4 + 4]);
-    i32::from_le_bytes(w)
-}
-
 impl Request {
     /// Decodes a header.
     #[must_use]
@@ -105,9 +99,7 @@ impl Request {
             self.shape[2],
             self.shape[3],
         ];
-        for (i, v) in ints.iter().enumerate() {
-            out[i * 4..i * 4 + 4].copy_from_slice(&v.to_le_bytes());
-        }
+        put_ints(&mut out, &ints);
         let n = self.key.len().min(KEY_LEN);
         out[36..36 + n].copy_from_slice(&self.key[..n]);
         out
@@ -161,9 +153,7 @@ impl Reply {
             self.shape[3],
             self.location,
         ];
-        for (i, v) in ints.iter().enumerate() {
-            out[i * 4..i * 4 + 4].copy_from_slice(&v.to_le_bytes());
-        }
+        put_ints(&mut out, &ints);
         out
     }
 

@@ -167,6 +167,21 @@ impl Drop for Session {
     }
 }
 
+/// Writes `ints` as little-endian int32s at the start of `out` (LMCache packs its headers
+/// and records with `struct` in native order, little-endian where it runs).
+pub(crate) fn put_ints(out: &mut [u8], ints: &[i32]) {
+    for (i, v) in ints.iter().enumerate() {
+        out[i * 4..i * 4 + 4].copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// The `i`-th little-endian int32 of `b`.
+pub(crate) fn int_at(b: &[u8], i: usize) -> i32 {
+    let mut w = [0u8; 4];
+    w.copy_from_slice(&b[i * 4..i * 4 + 4]);
+    i32::from_le_bytes(w)
+}
+
 /// LMCache's metadata of a stored object (its `RemoteMetadata`, as the Redis connector
 /// writes it): native-order (little-endian) int32s `length, fmt`, then `dtype, shape[0..4]`
 /// per group (one group: 28 bytes). It is stored as the value's metadata.
@@ -199,9 +214,7 @@ impl LmMeta {
             self.shape[2],
             self.shape[3],
         ];
-        for (i, f) in fields.iter().enumerate() {
-            out[i * 4..i * 4 + 4].copy_from_slice(&f.to_le_bytes());
-        }
+        put_ints(&mut out, &fields);
         out
     }
 

@@ -275,3 +275,20 @@ pub async fn raw_channel(socket: &std::path::Path) -> tonic::transport::Channel 
 pub fn no_default_tier(cmd: &mut Command) -> &mut Command {
     cmd.env("NENCACHE_AGENT_NVME_SIZE", "0")
 }
+
+/// The address a compat listener of `protocol` (`lm`, `redis`) logged it serves on.
+pub fn listener_addr(agent: &TestAgent, protocol: &str) -> String {
+    let t = Instant::now();
+    loop {
+        let log = agent.log();
+        if let Some(line) = log.lines().find(|l| {
+            l.contains("compat listener serving")
+                && l.contains(&format!("\"protocol\":\"{protocol}\""))
+        }) {
+            let start = line.find("\"addr\":\"").unwrap() + 8;
+            return line[start..].split('"').next().unwrap().to_string();
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "no listener: {log}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
