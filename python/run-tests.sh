@@ -20,7 +20,7 @@ started=$SECONDS
 agent="${NENCACHE_AGENT_BIN:-$target/debug/nencache-agent}"
 if [ -z "${NENCACHE_AGENT_BIN:-}" ]; then
     # Cheap when it is up to date; the tests need the agent of this tree.
-    cargo build --quiet -p nencache-agent --bin nencache-agent
+    cargo build --quiet -p nencache-agent --bin nencache-agent --bin nencache
 fi
 export NENCACHE_AGENT_BIN="$agent"
 # No __pycache__ in the source tree.

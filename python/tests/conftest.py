@@ -1,10 +1,11 @@
 """A real agent for the tests: the workspace's debug build of ``nencache-agent`` (or the
 binary named by ``NENCACHE_AGENT_BIN``), started on a temporary socket with a 64 MiB host tier
-and no lower tier, and killed at teardown."""
+and no lower tier (unless the test configures its own), and killed at teardown."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -25,6 +26,10 @@ def agent_binary() -> Path:
     if not target.is_absolute():
         target = ROOT / target
     return target / "debug" / "nencache-agent"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_LISTENER = re.compile(r"protocol\W+(lm|redis)\W+addr\W+([0-9.]+):(\d+)")
 
 
 class Agent:
@@ -48,18 +53,14 @@ class Agent:
         self.binary = binary
 
     def start(self) -> Agent:
-        args = [
-            str(self.binary),
-            "serve",
-            "--socket",
-            str(self.socket),
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--nvme-size",
-            "0",
-            *self.extra,
-        ]
-        if "--host-capacity" not in self.extra:
+        """Starts the agent and waits until it serves. The test's own ``--config``, tier or
+        host-capacity arguments replace the defaults (no lower tier, 64 MiB)."""
+        args = [str(self.binary), "serve", "--socket", str(self.socket)]
+        args += ["--admin-addr", "127.0.0.1:0", *self.extra]
+        own = set(self.extra)
+        if not own & {"--config", "--nvme-size", "--nvme-path", "--disk-size", "--disk-path"}:
+            args += ["--nvme-size", "0"]
+        if not own & {"--config", "--host-capacity"}:
             args += ["--host-capacity", "64MiB"]
         env = dict(os.environ, XDG_DATA_HOME=str(self.dir / "data"))
         with open(self.log_path, "wb") as log:
@@ -88,6 +89,29 @@ class Agent:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(timeout=30)
         self.proc = None
+
+    def stop(self, timeout: float = 20) -> float:
+        """SIGTERM, a graceful stop; returns how long the agent took to exit."""
+        assert self.proc is not None
+        began = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"agent still running {timeout} s after SIGTERM:\n{self.log()}")
+        took = time.monotonic() - began
+        assert code == 0, f"agent exited with {code} after SIGTERM:\n{self.log()}"
+        self.proc = None
+        return took
+
+    def compat_port(self, protocol: str) -> int:
+        """The port of the agent's ``protocol`` (``lm``, ``redis``) listener, from its log
+        (text or JSON, with or without colours)."""
+        text = _ANSI.sub("", self.log())
+        found = [int(m[3]) for m in _LISTENER.finditer(text) if m[1] == protocol]
+        assert found, f"no {protocol} listener in the agent's log:\n{self.log()}"
+        return found[-1]
 
     def restart(self) -> None:
         self.kill()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import signal
 import socket
 import subprocess
 import threading
@@ -41,23 +40,16 @@ CHUNK = 256
 LAYERS, HEADS, HEAD = 4, 2, 128  # a full bf16 chunk is [2, 4, 256, 256]: 1 MiB
 PROTOCOLS = ["lm", "redis"]
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_LISTENER = re.compile(r"protocol\W+(lm|redis)\W+addr\W+([0-9.]+):(\d+)")
-
-
 def compat_port(agent: Agent, protocol: str) -> int:
-    """The port of the agent's ``protocol`` listener, from its log (text or JSON, with or
-    without colours)."""
-    found = [int(m[3]) for m in _LISTENER.finditer(_ANSI.sub("", agent.log())) if m[1] == protocol]
-    assert found, f"no {protocol} listener in the agent's log:\n{agent.log()}"
-    return found[-1]
+    return agent.compat_port(protocol)
 
 
 def metrics(agent: Agent) -> dict[str, float]:
     """The agent's Prometheus metrics (series with their labels -> value)."""
     import urllib.request
 
-    m = re.search(r"admin endpoint listening\W+addr\W+([0-9.]+:\d+)", _ANSI.sub("", agent.log()))
+    log = re.sub(r"\x1b\[[0-9;]*m", "", agent.log())
+    m = re.search(r"admin endpoint listening\W+addr\W+([0-9.]+:\d+)", log)
     assert m, f"no admin address in the agent's log:\n{agent.log()}"
     text = urllib.request.urlopen(f"http://{m[1]}/metrics", timeout=10).read().decode()
     out = {}
@@ -72,51 +64,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class TieredAgent(Agent):
-    """conftest's ``Agent`` with a lower tier: it passes ``--nvme-size 0``, which the agent
-    refuses to see twice, so this one starts the same command without it."""
-
-    def start(self) -> TieredAgent:
-        args = [
-            str(self.binary),
-            "serve",
-            "--socket",
-            str(self.socket),
-            "--admin-addr",
-            "127.0.0.1:0",
-            *self.extra,
-        ]
-        env = dict(os.environ, XDG_DATA_HOME=str(self.dir / "data"))
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env
-            )
-        deadline = time.monotonic() + 30
-        while self.READY not in self.log():
-            if self.proc.poll() is not None:
-                pytest.fail(f"agent exited with {self.proc.returncode}:\n{self.log()}")
-            if time.monotonic() > deadline:
-                self.kill()
-                pytest.fail(f"agent not ready after 30 s:\n{self.log()}")
-            time.sleep(0.02)
-        return self
-
-    def stop(self, timeout: float = 20) -> float:
-        """SIGTERM, a graceful stop; returns how long the agent took to exit."""
-        assert self.proc is not None
-        began = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail(f"agent still running {timeout} s after SIGTERM:\n{self.log()}")
-        took = time.monotonic() - began
-        assert code == 0, f"agent exited with {code} after SIGTERM:\n{self.log()}"
-        self.proc = None
-        return took
 
 
 def reconnected(remote: Remote) -> Remote:
@@ -152,11 +99,16 @@ class Remote:
     and event loop, as LMCache's ``RemoteBackend`` sets them up."""
 
     def __init__(
-        self, url: str, layers: int = LAYERS, heads: int = HEADS, cpu_gb: float = 0.04
+        self,
+        url: str,
+        layers: int = LAYERS,
+        heads: int = HEADS,
+        cpu_gb: float = 0.04,
+        config: LMCacheEngineConfig | None = None,
     ) -> None:
         self.url = url
         self.layers, self.hidden = layers, heads * HEAD
-        self.config = LMCacheEngineConfig.from_defaults(
+        self.config = config or LMCacheEngineConfig.from_defaults(
             chunk_size=CHUNK,
             remote_url=url,
             remote_serde="naive",
@@ -526,7 +478,7 @@ def test_restart_with_a_lower_tier(protocol, tmp_path, remotes):
     chunks put before are found after it. LMCache's redis connector reconnects by itself;
     its lm connector never does, so a new one is made (as a restarted LMCache would)."""
     lm_port, redis_port = free_port(), free_port()
-    agent = TieredAgent(
+    agent = Agent(
         tmp_path,
         "--lm-tcp",
         f"127.0.0.1:{lm_port}",
@@ -575,7 +527,7 @@ def test_chunks_evicted_to_the_lower_tier(protocol, tmp_path, remotes):
     get agree on every chunk, every chunk found is whole (read up from the tier or not), and
     every chunk missing is counted as an eviction no tier had saved (demotion runs ahead of
     eviction but does not stall puts that outrun it)."""
-    agent = TieredAgent(
+    agent = Agent(
         tmp_path,
         f"--{protocol}-tcp",
         "127.0.0.1:0",
@@ -695,3 +647,48 @@ def test_value_over_the_agents_maximum(protocol, small_agent, remotes):
         assert protocol == "redis"
     remote.get_check(small, w_small)
     assert remote.run(conn.get(big)) is None
+
+
+def test_a_converted_configuration_end_to_end(tmp_path):
+    """The migration path of docs/migrating-from-lmcache.md: an LMCache configuration with a
+    CPU cache and a local disk, converted by ``nencache lmcache convert``; an agent started
+    from the agent.yaml it wrote; LMCache's configuration loaded by LMCache from the
+    lmcache.yaml it wrote, and LMCache's own connector (from that configuration's
+    remote_url) storing and loading chunks there, which land in the converted disk tier."""
+    cli = Agent(tmp_path).binary.with_name("nencache")
+    assert cli.exists(), f"no {cli}: cargo build -p nencache-agent --bin nencache"
+    source = tmp_path / "lmcache-old.yaml"
+    source.write_text(
+        "chunk_size: 256\nlocal_cpu: true\nmax_local_cpu_size: 0.125\n"
+        f"local_disk: file://{tmp_path}/lmc/\nmax_local_disk_size: 0.5\n"
+        "remote_serde: naive\nsave_unfull_chunk: true\n"
+    )
+    (tmp_path / "lmc").mkdir()
+    port = free_port()
+    out = tmp_path / "converted"
+    done = subprocess.run(
+        [str(cli), "lmcache", "convert", str(source), "--strict", "--out-dir", str(out)]
+        + ["--lm-listen", f"127.0.0.1:{port}", "--lm-addr", f"127.0.0.1:{port}"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    agent = Agent(tmp_path / "agent", "--config", str(out / "agent.yaml"))
+    agent.dir.mkdir()
+    agent.start()
+    try:
+        config = LMCacheEngineConfig.from_file(str(out / "lmcache.yaml"))
+        assert config.remote_url == f"lm://127.0.0.1:{port}"
+        assert config.local_cpu is False and config.save_unfull_chunk is True
+        remote = Remote(config.remote_url, config=config)
+        try:
+            keys = [key() for _ in range(4)]
+            wants = [remote.put(k, CHUNK if i else 100, seed=300 + i) for i, k in enumerate(keys)]
+            for k, w in zip(keys, wants):
+                assert remote.run(remote.conn.exists(k)) is True
+                remote.get_check(k, w)
+        finally:
+            remote.close()
+        assert (tmp_path / "lmc" / "cache.t2").stat().st_size >= 512 << 20
+    finally:
+        agent.kill()

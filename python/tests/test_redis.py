@@ -3,7 +3,6 @@ RESP2 and RESP3 (redis-py 8 sends ``HELLO 3`` on every new connection when asked
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import uuid
@@ -16,14 +15,7 @@ redis = pytest.importorskip("redis", reason="redis-py is not installed: pip inst
 
 
 def redis_port(agent: Agent) -> int:
-    for line in agent.log().splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if rec.get("message") == "compat listener serving" and rec.get("protocol") == "redis":
-            return int(rec["addr"].rsplit(":", 1)[1])
-    raise AssertionError(f"no Redis listener in the log:\n{agent.log()}")
+    return agent.compat_port("redis")
 
 
 @pytest.fixture(scope="module")

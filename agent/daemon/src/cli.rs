@@ -1,6 +1,7 @@
 //! The `nencache` command-line tool: `put`, `get`, `delete`, `lookup` and `stats` against a
-//! running agent, and `demo`, which starts an agent with embedded defaults on a temporary
-//! socket and drives an LLM chat workload through the real client.
+//! running agent; `demo`, which starts an agent with embedded defaults on a temporary
+//! socket and drives an LLM chat workload through the real client; and `lmcache convert`,
+//! which turns an LMCache configuration into the agent's ([`crate::lmconvert`]).
 
 use std::{
     io::Write,
@@ -81,6 +82,44 @@ pub enum Command {
     Stats,
     /// Start an agent on a temporary socket and drive a chat workload through it.
     Demo(DemoArgs),
+    /// LMCache compatibility tools.
+    #[command(subcommand)]
+    Lmcache(LmcacheCommand),
+}
+
+/// `nencache lmcache ...`.
+#[derive(Debug, Subcommand)]
+pub enum LmcacheCommand {
+    /// Turn an LMCache configuration into a NenCache agent configuration, the LMCache
+    /// settings that point LMCache at the agent, and a report on every key.
+    Convert(ConvertArgs),
+}
+
+/// `nencache lmcache convert` options.
+#[derive(Debug, Clone, Args)]
+pub struct ConvertArgs {
+    /// The LMCache configuration file (YAML or JSON).
+    #[arg(required_unless_present = "env", conflicts_with = "env")]
+    pub file: Option<PathBuf>,
+    /// Read the configuration as LMCache does from its environment: the file named by
+    /// LMCACHE_CONFIG_FILE when set, else the LMCACHE_* variables.
+    #[arg(long)]
+    pub env: bool,
+    /// LMCache processes (tensor-parallel ranks) per node; LMCache's sizes are per rank.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub ranks_per_node: u32,
+    /// Where LMCache reaches the agent's lm:// listener.
+    #[arg(long, default_value = "localhost:65432")]
+    pub lm_addr: String,
+    /// The address the agent's lm:// listener binds.
+    #[arg(long, default_value = "0.0.0.0:65432")]
+    pub lm_listen: String,
+    /// Write agent.yaml, lmcache.yaml and report.txt here instead of standard output.
+    #[arg(long)]
+    pub out_dir: Option<PathBuf>,
+    /// Exit with status 2 when a key given has no NenCache counterpart.
+    #[arg(long)]
+    pub strict: bool,
 }
 
 /// Demo options.
@@ -194,7 +233,68 @@ pub async fn run(cli: Cli, xdg_runtime_dir: Option<&Path>) -> anyhow::Result<i32
             Ok(0)
         }
         Command::Demo(args) => demo(args).await.map(|()| 0),
+        Command::Lmcache(LmcacheCommand::Convert(args)) => convert(&args),
     }
+}
+
+/// `nencache lmcache convert`.
+fn convert(args: &ConvertArgs) -> anyhow::Result<i32> {
+    use crate::lmconvert;
+    let file = if args.env {
+        std::env::var_os("LMCACHE_CONFIG_FILE").map(PathBuf::from)
+    } else {
+        args.file.clone()
+    };
+    let cfg = match file {
+        Some(path) => {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            lmconvert::parse_file(&text).with_context(|| path.display().to_string())?
+        }
+        None => lmconvert::from_env(std::env::vars()),
+    };
+    let out = lmconvert::convert(
+        &cfg,
+        &lmconvert::Options {
+            ranks_per_node: args.ranks_per_node,
+            lm_addr: args.lm_addr.clone(),
+            lm_listen: args.lm_listen.clone(),
+            ..lmconvert::Options::default()
+        },
+    )?;
+    match &args.out_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            for (name, body) in [
+                ("agent.yaml", &out.agent_yaml),
+                ("lmcache.yaml", &out.lmcache_yaml),
+                ("report.txt", &out.report_text()),
+            ] {
+                std::fs::write(dir.join(name), body)
+                    .with_context(|| format!("writing {}", dir.join(name).display()))?;
+            }
+            eprintln!(
+                "wrote agent.yaml, lmcache.yaml and report.txt to {}",
+                dir.display()
+            );
+        }
+        None => {
+            print!(
+                "# ---- NenCache agent configuration (agent.yaml) ----\n{}\n\
+                 # ---- LMCache configuration (lmcache.yaml) ----\n{}\n\
+                 # ---- Report: key, what became of it, why ----\n",
+                out.agent_yaml, out.lmcache_yaml
+            );
+            for line in out.report_text().lines() {
+                println!("# {line}");
+            }
+        }
+    }
+    Ok(if args.strict && out.has_unsupported() {
+        2
+    } else {
+        0
+    })
 }
 
 /// Fills `buf` with bytes derived from `key`, as a stand-in for a chunk's KV tensors.

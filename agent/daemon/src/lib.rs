@@ -17,13 +17,15 @@
 //! - [`attach`]: sessions, descriptor passing and the fast-path transport;
 //! - [`compat`]: LMCache's remote protocols (`lm://`) over the same engine;
 //! - [`admin`], [`metrics`], [`telemetry`]: observability;
-//! - [`cli`]: `put`, `get`, `delete`, `lookup`, `stats`, `demo`.
+//! - [`cli`]: `put`, `get`, `delete`, `lookup`, `stats`, `demo`, `lmcache convert`;
+//! - [`lmconvert`]: an LMCache configuration turned into the agent's, key by key.
 
 pub mod admin;
 pub mod attach;
 pub mod cli;
 pub mod compat;
 pub mod config;
+pub mod lmconvert;
 pub mod metrics;
 pub mod ops;
 pub mod server;

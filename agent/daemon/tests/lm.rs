@@ -321,3 +321,66 @@ fn persisted_chunks_are_found_after_a_restart() {
     assert_eq!(got, value);
     assert_eq!(r.dtype, 3);
 }
+
+/// `nencache lmcache convert` on an LMCache configuration, and an agent started from what
+/// it wrote: LMCache's disk becomes the agent's NVMe tier and the lm:// listener serves.
+#[test]
+fn a_converted_lmcache_configuration_runs_an_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let lmc = dir.path().join("lmc");
+    let src = dir.path().join("lmcache.yaml");
+    std::fs::write(
+        &src,
+        format!(
+            "chunk_size: 256\nlocal_cpu: true\nmax_local_cpu_size: 0.25\n\
+             local_disk: file://{}/\nmax_local_disk_size: 0.125\nremote_serde: naive\n",
+            lmc.display()
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let convert = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_nencache"))
+            .args(["lmcache", "convert", src.to_str().unwrap()])
+            .args(["--lm-listen", "127.0.0.1:0", "--ranks-per-node", "2"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let done = convert(&["--out-dir", out.to_str().unwrap(), "--strict"]);
+    assert!(done.status.success(), "{done:?}");
+    let lm_yaml = std::fs::read_to_string(out.join("lmcache.yaml")).unwrap();
+    assert!(lm_yaml.contains("local_cpu: false"), "{lm_yaml}");
+    let report = std::fs::read_to_string(out.join("report.txt")).unwrap();
+    assert_eq!(report.lines().count(), 6, "{report}");
+
+    std::fs::create_dir_all(&lmc).unwrap();
+    let socket = dir.path().join("run/agent.sock");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_nencache-agent"));
+    cmd.args(["serve", "--socket", socket.to_str().unwrap()])
+        .args(["--admin-addr", "127.0.0.1:0", "--log-format", "json"])
+        .args(["--config", out.join("agent.yaml").to_str().unwrap()]);
+    let a = TestAgent::spawn(tempfile::tempdir().unwrap(), socket, cmd);
+    let mut c = Lm::connect(&lm_addr(&a));
+    let value = pattern(11, 1 << 20);
+    c.put("converted", &value);
+    assert_eq!(c.get("converted").unwrap().1, value);
+    let t2 = std::fs::metadata(lmc.join("cache.t2")).unwrap();
+    // Two ranks of 0.125 GB, and the store's header page.
+    assert!((256 << 20..257 << 20).contains(&t2.len()), "{}", t2.len());
+
+    // A key with no counterpart fails --strict with status 2, and still writes.
+    std::fs::write(&src, "chunk_size: 256\nenable_pd: true\n").unwrap();
+    let strict = convert(&["--strict"]);
+    assert_eq!(strict.status.code(), Some(2), "{strict:?}");
+    let text = String::from_utf8(strict.stdout).unwrap();
+    assert!(
+        text.contains("enable_pd") && text.contains("unsupported"),
+        "{text}"
+    );
+    // A file that is not there is an error naming it.
+    std::fs::remove_file(&src).unwrap();
+    let missing = convert(&[]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("lmcache.yaml"));
+}
