@@ -416,13 +416,6 @@ def test_a_chunk_put_through_one_protocol_is_found_through_the_other(shared_agen
     lm.get_check(k2, w2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="agent bug: a SET <key>metadata with no bytes waiting (the second of two puts of "
-    "one chunk that interleave) is stored as a separate plain key, which outlives the chunk: "
-    "EXISTS <key>metadata then answers 1 and GET <key>metadata the description while "
-    "<key>kv_bytes is gone",
-)
 def test_redis_two_instances_store_one_chunk_at_once(shared_agent, remotes):
     """Two LMCache instances (two connectors) storing the same chunk at the same time, as two
     inference pods of a node do for a shared prefix. Each put is LMCache's two SETs; here

@@ -350,6 +350,37 @@ fn lmcaches_two_keys_are_one_entry_committed_with_its_description() {
     a.send(&[b"SET", format!("{other}metadata").as_bytes(), &meta]);
     assert!(matches!(a.reply(), R::Error(e) if e.contains("does not describe")));
     assert_eq!(a.cmd(&["EXISTS", &format!("{other}metadata")]), R::Int(0));
+    // Two writers of one chunk interleaved: bytes A, bytes B, description B, description A.
+    // The last description finds the entry holding it: a no-op, no second key.
+    let shared = "m@1@0@77@bfloat16";
+    for c in [&mut a, &mut b] {
+        c.send(&[b"SET", format!("{shared}kv_bytes").as_bytes(), &value]);
+        assert_eq!(c.reply(), R::Simple("OK".into()));
+    }
+    for c in [&mut b, &mut a] {
+        c.send(&[b"SET", format!("{shared}metadata").as_bytes(), &meta]);
+        assert_eq!(c.reply(), R::Simple("OK".into()));
+    }
+    assert_eq!(a.cmd(&["KEYS", "m@1@0@77*"]), R::Array(vec![bulk(shared)]));
+    a.send(&[b"GET", format!("{shared}kv_bytes").as_bytes()]);
+    assert_eq!(a.reply(), R::Bulk(value.clone()));
+    // A description with no bytes and no entry, or of another entry, is refused, and
+    // stores nothing that EXISTS could find.
+    let mut described = meta.clone();
+    described[8..12].copy_from_slice(&9i32.to_le_bytes());
+    for (name, m) in [("m@1@0@78@bfloat16", &meta), (shared, &described)] {
+        a.send(&[b"SET", format!("{name}metadata").as_bytes(), m]);
+        assert!(matches!(a.reply(), R::Error(e) if e.contains("kv_bytes first")));
+    }
+    assert_eq!(a.cmd(&["EXISTS", "m@1@0@78@bfloat16metadata"]), R::Int(0));
+    a.send(&[b"GET", format!("{shared}metadata").as_bytes()]);
+    assert_eq!(a.reply(), R::Bulk(meta.clone()));
+    // A name ending in metadata with a value that is no description is an ordinary key.
+    assert_eq!(
+        a.cmd(&["SET", "notes-metadata", "hello"]),
+        R::Simple("OK".into())
+    );
+    assert_eq!(a.cmd(&["GET", "notes-metadata"]), bulk("hello"));
     // Deleting either name deletes the entry.
     assert_eq!(a.cmd(&["DEL", &format!("{key}kv_bytes")]), R::Int(1));
     assert_eq!(a.cmd(&["EXISTS", &format!("{key}metadata")]), R::Int(0));

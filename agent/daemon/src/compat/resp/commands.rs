@@ -533,9 +533,56 @@ impl Conn {
             if let Some(p) = pending {
                 return self.complete(p, value, opts.ttl).await;
             }
+            if let Some(done) = self.orphan_description(base, value).await? {
+                return Ok(done);
+            }
         }
         let staged = self.stage_bytes(key, value)?;
         self.finish_set(staged, opts).await
+    }
+
+    /// A description of LMCache's layout with no bytes waiting for it. Two writers of one
+    /// chunk (two LMCache instances storing a shared prefix) interleave as bytes A, bytes B
+    /// (which replaces A), description B (which publishes the entry), description A: the
+    /// entry holding that same description makes the last one a no-op (`Some(true)`). A
+    /// description that names no entry, or another one, is refused: stored beside nothing,
+    /// it would make LMCache count a hit that it cannot load. `None`: not a description
+    /// (the `SET` is an ordinary one).
+    async fn orphan_description(
+        &mut self,
+        base: &[u8],
+        value: &[u8],
+    ) -> Result<Option<bool>, String> {
+        let length = value
+            .get(..4)
+            .map(|b| i32::from_le_bytes(b.try_into().unwrap_or([0; 4])));
+        let described = length
+            .and_then(|n| u64::try_from(n).ok())
+            .is_some_and(|n| LmMeta::decode(value, n).is_some());
+        if !described {
+            return Ok(None);
+        }
+        let session = self.session.id().map_err(|e| engine_reply(&e))?;
+        let got = self
+            .ctx
+            .ops
+            .get(session, &[base], &[])
+            .await
+            .map_err(|e| engine_reply(&e))?
+            .pop()
+            .flatten();
+        let same = got.is_some_and(|l| {
+            let same = l.metadata == value;
+            let _ = self.ctx.ops.release(session, &[l.id]);
+            same
+        });
+        if same {
+            return Ok(Some(true));
+        }
+        Err(format!(
+            "ERR no {}kv_bytes waits for this metadata: SET {0}kv_bytes first, then {0}metadata",
+            String::from_utf8_lossy(base)
+        ))
     }
 
     fn stage_bytes(&mut self, key: &[u8], value: &[u8]) -> Result<Staged, String> {
