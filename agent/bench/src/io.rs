@@ -108,7 +108,7 @@ pub(crate) fn caches() -> Vec<Cache> {
 
 /// Page-aligned buffers of `size` bytes, `total` bytes in all (at least one), each filled
 /// differently, to rotate through.
-fn pool(size: usize, total: usize) -> Vec<AlignedBuf> {
+pub(crate) fn pool(size: usize, total: usize) -> Vec<AlignedBuf> {
     (0..(total / size).max(1))
         .map(|i| page_aligned(size, (i as u8).wrapping_mul(31).wrapping_add(1)))
         .collect()
@@ -291,6 +291,8 @@ pub(crate) struct AlignedBuf {
 
 // SAFETY: the buffer is uniquely owned, like a Vec<u8>.
 unsafe impl Send for AlignedBuf {}
+// SAFETY: shared references only read the bytes (mutation needs `&mut`), like a Vec<u8>.
+unsafe impl Sync for AlignedBuf {}
 
 impl std::ops::Deref for AlignedBuf {
     type Target = [u8];

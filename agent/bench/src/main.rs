@@ -9,8 +9,11 @@
 //! nencache-bench policy   # S3-FIFO vs LRU hit ratios on Zipf and chat traces
 //! nencache-bench policy --hierarchy  # host memory alone vs host memory over a T2 tier
 //! nencache-bench tiers    # T2 bandwidth, T2-only gets and recovery, against fio
+//! nencache-bench compat   # Redis and lm:// listeners: redis-benchmark vs redis-server,
+//!                         # 32 MiB lm:// chunks vs memcpy
 //! ```
 
+mod compat;
 mod fio;
 mod io;
 mod policy;
@@ -35,6 +38,9 @@ enum Command {
     /// The lower tiers against fio on the same filesystem: T2 bandwidth, gets of values on
     /// T2 only, recovery time.
     Tiers(tiers::TiersArgs),
+    /// The LMCache-compatible listeners: redis-benchmark against redis-server and the agent,
+    /// lm:// chunk transfers against memcpy.
+    Compat(compat::CompatArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,5 +48,6 @@ fn main() -> anyhow::Result<()> {
         Command::Io(a) => io::run(&a),
         Command::Policy(a) => policy::run(&a),
         Command::Tiers(a) => tiers::run(&a),
+        Command::Compat(a) => compat::run(&a),
     }
 }

@@ -290,6 +290,19 @@ impl Ops {
         blocking(move || engine.commit(session, &items)).await
     }
 
+    /// Commits reservations of small values on the calling thread: below about 64 KiB the
+    /// copy costs less than handing the worker's other tasks to another thread.
+    ///
+    /// # Errors
+    /// As the engine's commit.
+    pub fn commit_small(
+        &self,
+        session: u64,
+        items: &[(u64, Option<u64>)],
+    ) -> Result<Vec<Committed>, EngineError> {
+        self.engine.commit(session, items)
+    }
+
     /// Abandons reservations, all or nothing.
     ///
     /// # Errors

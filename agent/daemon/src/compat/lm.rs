@@ -213,9 +213,9 @@ async fn within<T>(
     limit: Duration,
     f: impl std::future::Future<Output = std::io::Result<T>>,
 ) -> Result<T, Closed> {
-    match tokio::time::timeout(limit, f).await {
-        Ok(r) => Ok(r?),
-        Err(_) => Err(Closed::Stalled(limit)),
+    match super::within(limit, f).await {
+        Some(r) => Ok(r?),
+        None => Err(Closed::Stalled(limit)),
     }
 }
 

@@ -26,6 +26,21 @@ use crate::{metrics::Metrics, ops::Ops};
 /// closed. Between requests a connection may idle for as long as it likes.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Awaits `f` for at most `limit`; `None` when it did not finish in time. An operation that
+/// completes on its first poll (bytes already buffered, room in the socket: most of them
+/// under load) arms no timer, which costs a clock read and a timer-wheel entry per call.
+pub(crate) async fn within<T>(
+    limit: Duration,
+    f: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    use std::task::Poll;
+    let mut f = std::pin::pin!(f);
+    if let Poll::Ready(v) = std::future::poll_fn(|cx| Poll::Ready(f.as_mut().poll(cx))).await {
+        return Some(v);
+    }
+    tokio::time::timeout(limit, f).await.ok()
+}
+
 /// What a protocol's connections share.
 #[derive(Debug, Clone)]
 pub struct Context {

@@ -119,9 +119,9 @@ enum Closed {
 }
 
 async fn within<T>(f: impl std::future::Future<Output = std::io::Result<T>>) -> Result<T, Closed> {
-    match tokio::time::timeout(IO_TIMEOUT, f).await {
-        Ok(r) => Ok(r?),
-        Err(_) => Err(Closed::Stalled(IO_TIMEOUT)),
+    match super::within(IO_TIMEOUT, f).await {
+        Some(r) => Ok(r?),
+        None => Err(Closed::Stalled(IO_TIMEOUT)),
     }
 }
 
