@@ -208,6 +208,40 @@ fn strings_expiry_and_the_keyspace() {
         }
     }
     assert_eq!(seen.len(), 30);
+    // COUNT counts keys, not table slots: 31 keys in a 64 MiB arena, one call.
+    let R::Array(r) = c.cmd(&["SCAN", "0", "COUNT", "40"]) else {
+        panic!()
+    };
+    assert_eq!(r[0], bulk("0"));
+    // Expiries too long for the clock are refused, and nothing changes.
+    for bad in [
+        &["SET", "k", "v", "EX", "9999999999999999"][..],
+        &["SET", "k", "v", "PX", "9223372036854775807"],
+        &["EXPIRE", "k", "9223372036854775807"],
+        &["PEXPIRE", "k", "9223372036854775807"],
+    ] {
+        assert!(
+            matches!(c.cmd(bad), R::Error(e) if e.contains("invalid expire time")),
+            "{bad:?}"
+        );
+    }
+    assert!(matches!(c.cmd(&["TTL", "k"]), R::Int(49 | 50)));
+    assert_eq!(c.cmd(&["EXPIRE", "k", "99999999999"]), R::Int(1));
+    assert_eq!(c.cmd(&["TTL", "k"]), R::Int(99_999_999_999));
+    assert!(matches!(
+        c.cmd(&["PTTL", "k"]),
+        R::Int(99_999_999_000..=99_999_999_999_000)
+    ));
+    assert!(matches!(c.cmd(&["DBSIZE", "x"]), R::Error(e) if e.contains("wrong number")));
+    assert!(matches!(c.cmd(&["FLUSHALL", "BOGUS"]), R::Error(_)));
+    let R::Bulk(info) = c.cmd(&["INFO", "memory"]) else {
+        panic!()
+    };
+    let info = String::from_utf8(info).unwrap();
+    assert!(
+        info.starts_with("# Memory\r\n") && !info.contains("# Server"),
+        "{info}"
+    );
     let R::Bulk(info) = c.cmd(&["INFO"]) else {
         panic!()
     };
@@ -228,6 +262,14 @@ fn strings_expiry_and_the_keyspace() {
         c.cmd(&["CLIENT", "SETINFO", "LIB-NAME", "x"]),
         R::Simple("OK".into())
     );
+    for bad in [
+        &["CLIENT", "SETNAME", "a b"][..],
+        &["CLIENT", "SETNAME"],
+        &["CLIENT", "SETINFO", "bogus", "x"],
+    ] {
+        assert!(matches!(c.cmd(bad), R::Error(_)), "{bad:?}");
+    }
+    assert_eq!(c.cmd(&["CLIENT", "GETNAME"]), bulk("me"));
     assert_eq!(c.cmd(&["COMMAND", "DOCS"]), R::Array(vec![]));
     assert_eq!(c.cmd(&["QUIT"]), R::Simple("OK".into()));
     assert!(c.closed());
@@ -318,6 +360,23 @@ fn large_values_round_trip_through_staging() {
     assert_eq!(c.reply(), R::Nil);
     c.send(&[b"GET", b"big"]);
     assert_eq!(c.reply(), R::Bulk(pattern(10, 32 << 20)));
+    // MSET streams its large values too.
+    let (v1, v2) = (pattern(20, 1 << 20), pattern(21, 3 << 20));
+    c.send(&[b"MSET", b"m1", &v1, b"small", b"s", b"m2", &v2]);
+    assert_eq!(c.reply(), R::Simple("OK".into()));
+    c.send(&[b"MGET", b"m1", b"small", b"m2"]);
+    assert_eq!(
+        c.reply(),
+        R::Array(vec![R::Bulk(v1.clone()), bulk("s"), R::Bulk(v2)])
+    );
+    // More than the staging area (32 MiB here) in one MSET: refused whole, nothing stored,
+    // and the connection goes on.
+    let v = pattern(22, 12 << 20);
+    c.send(&[b"MSET", b"m1", &v, b"m3", &v, b"m4", &v]);
+    assert!(matches!(c.reply(), R::Error(e) if e.starts_with("OOM")));
+    assert_eq!(c.cmd(&["EXISTS", "m3", "m4"]), R::Int(0));
+    c.send(&[b"GET", b"m1"]);
+    assert_eq!(c.reply(), R::Bulk(v1));
 }
 
 #[test]

@@ -872,9 +872,10 @@ impl Engine {
     }
 
     /// One step of a walk over the keys held in host memory (live, unexpired entries):
-    /// from `cursor` (0 to start), at most `count` entries of the entry table are visited
-    /// and the keys among them that `keep` accepts are answered, with the cursor of the next
-    /// step (0 when the walk is over). An entry present for the whole walk is answered once;
+    /// from `cursor` (0 to start), at most `count` live entries of the entry table are
+    /// visited (free slots are skipped without limit) and the keys among them that `keep`
+    /// accepts are answered, with the cursor of the next step: the slot of the next live
+    /// entry, or 0 when there is none. An entry present for the whole walk is answered once;
     /// one put or deleted meanwhile may be or not. Keys of lower tiers are not walked.
     pub fn scan_host(
         &self,
@@ -884,29 +885,27 @@ impl Engine {
     ) -> (Vec<Vec<u8>>, u64) {
         let now = self.now();
         let st = self.state.lock();
-        let start = usize::try_from(cursor)
-            .unwrap_or(usize::MAX)
-            .min(st.entries.len());
-        let end = start.saturating_add(count.max(1)).min(st.entries.len());
-        let mut keys = Vec::new();
-        for ent in &st.entries[start..end] {
-            if !matches!(ent.state, EntryState::Live) || ent.expires <= now {
-                continue;
+        let len = st.entries.len();
+        let mut i = usize::try_from(cursor).unwrap_or(usize::MAX).min(len);
+        let (mut keys, mut visited) = (Vec::new(), 0);
+        while i < len {
+            let ent = &st.entries[i];
+            if matches!(ent.state, EntryState::Live) && ent.expires > now {
+                if visited == count.max(1) {
+                    break;
+                }
+                visited += 1;
+                let off = (u64::from(ent.extent.start) * self.page + ent.value_len) as usize;
+                // SAFETY: a live entry's key bytes were written at reserve and are not
+                // rewritten while it is indexed, which the lock held here keeps.
+                let key = unsafe { self.arena.slice(off, usize::from(ent.key_len)) };
+                if keep(key) {
+                    keys.push(key.to_vec());
+                }
             }
-            let off = (u64::from(ent.extent.start) * self.page + ent.value_len) as usize;
-            // SAFETY: a live entry's key bytes were written at reserve and are not rewritten
-            // while it is indexed, which the lock held here keeps.
-            let key = unsafe { self.arena.slice(off, usize::from(ent.key_len)) };
-            if keep(key) {
-                keys.push(key.to_vec());
-            }
+            i += 1;
         }
-        let next = if end >= st.entries.len() {
-            0
-        } else {
-            end as u64
-        };
-        (keys, next)
+        (keys, if i >= len { 0 } else { i as u64 })
     }
 
     /// The lease record handed out for entry `e` under lease `id`.

@@ -19,6 +19,8 @@ use tokio::{
     task::JoinSet,
 };
 
+use prometheus_client::metrics::gauge::Gauge;
+
 use crate::{metrics::Metrics, ops::Ops};
 
 /// How long one read or write of a connection may wait for its peer in the middle of a
@@ -39,6 +41,23 @@ pub(crate) async fn within<T>(
         return Some(v);
     }
     tokio::time::timeout(limit, f).await.ok()
+}
+
+/// One open connection in the `compat_connections` gauge, however its task ends (a
+/// panic included).
+struct Open(Gauge);
+
+impl Open {
+    fn new(gauge: Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// What a protocol's connections share.
@@ -101,12 +120,11 @@ pub async fn serve<F, Fut>(
         };
         match accepted {
             Ok(stream) => {
-                ctx.metrics.compat_connections(protocol).inc();
-                let gauge = ctx.metrics.compat_connections(protocol);
+                let open = Open::new(ctx.metrics.compat_connections(protocol));
                 let fut = handle(stream, ctx.clone());
                 conns.spawn(async move {
                     fut.await;
-                    gauge.dec();
+                    drop(open);
                 });
             }
             Err(e) => {
@@ -137,6 +155,9 @@ async fn accept(listener: &Listener) -> std::io::Result<Box<dyn Stream>> {
             let (s, _) = l.accept().await?;
             // Requests and replies are small headers followed by values: no Nagle delay.
             s.set_nodelay(true)?;
+            // Chunks are tens of MiB: a 4 MiB send buffer lets one write move more of a
+            // value before the socket is full and the task waits for room.
+            let _ = rustix::net::sockopt::set_socket_send_buffer_size(&s, 4 << 20);
             Box::new(s)
         }
         Listener::Unix(l) => Box::new(l.accept().await?.0),

@@ -343,7 +343,10 @@ impl Conn {
                 return Err(Closed::Protocol("invalid bulk length".into()));
             }
             let len = len as u64;
-            let is_set_value = i == 2 && args[0].bytes().eq_ignore_ascii_case(b"SET");
+            // SET's value and MSET's values are streamed into staging when large.
+            let is_set_value = i >= 2
+                && ((i == 2 && args[0].bytes().eq_ignore_ascii_case(b"SET"))
+                    || (i.is_multiple_of(2) && args[0].bytes().eq_ignore_ascii_case(b"MSET")));
             if len > max_value.max(MAX_LINE as u64) {
                 // Too long for any value: read and dropped, the command refused.
                 self.drain(len + 2).await?;
@@ -354,7 +357,7 @@ impl Conn {
                 continue;
             }
             if is_set_value && len as usize >= STREAM_MIN && refused.is_none() {
-                let key = args[1].bytes().to_vec();
+                let key = args[i - 1].bytes().to_vec();
                 match self.stage(&key, len).await? {
                     Ok(staged) => args.push(Arg::Staged(staged)),
                     Err(msg) => {

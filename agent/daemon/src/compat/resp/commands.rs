@@ -21,6 +21,28 @@ struct SetOptions {
     xx: bool,
 }
 
+/// The longest expiry accepted, in milliseconds (about 285,000 years): the engine's clock
+/// plus it cannot overflow, and `PTTL` can answer it.
+const MAX_EXPIRY_MS: u64 = 1 << 53;
+
+/// A positive expiry of `n` seconds (or milliseconds) as a duration; `None` when it is
+/// longer than [`MAX_EXPIRY_MS`] (Redis: "invalid expire time").
+fn expiry(n: i64, millis: bool) -> Option<Duration> {
+    let ms = u64::try_from(n)
+        .ok()?
+        .checked_mul(if millis { 1 } else { 1000 })?;
+    (ms <= MAX_EXPIRY_MS).then(|| Duration::from_millis(ms))
+}
+
+/// The argument count of a `CLIENT` subcommand, the subcommand and `CLIENT` included.
+fn client_arity(sub: &[u8]) -> usize {
+    match sub {
+        b"SETNAME" => 3,
+        b"SETINFO" => 4,
+        _ => 2,
+    }
+}
+
 /// Values below this are committed on the connection's own thread.
 const SMALL_COMMIT: u64 = 64 << 10;
 
@@ -115,12 +137,22 @@ impl Conn {
             }
             "MSET" => {
                 if n < 3 || n.is_multiple_of(2) {
+                    self.abort_staged(&args);
                     self.error("ERR wrong number of arguments for 'mset' command");
                     return Ok(("mset", "refused"));
                 }
-                for pair in args[1..].chunks(2) {
-                    let (k, v) = (pair[0].bytes().to_vec(), pair[1].bytes().to_vec());
-                    if let Err(m) = self.store_bytes(&k, &v, SetOptions::default()).await {
+                // Pair by pair, in order; an error stops it (the pairs before stay stored,
+                // the values after it that were staged are dropped).
+                let mut pairs = args.into_iter().skip(1);
+                while let (Some(k), Some(v)) = (pairs.next(), pairs.next()) {
+                    let done = match v {
+                        Arg::Staged(s) => self.finish_set(s, SetOptions::default()).await,
+                        Arg::Bytes(b) => {
+                            self.store_bytes(k.bytes(), &b, SetOptions::default()).await
+                        }
+                    };
+                    if let Err(m) = done {
+                        self.abort_staged(&pairs.collect::<Vec<_>>());
                         self.error(&m);
                         return Ok(("mset", "error"));
                     }
@@ -167,12 +199,13 @@ impl Conn {
                 Ok(("type", "ok"))
             }
             "DBSIZE" => {
+                need!(1, 1, "dbsize");
                 let entries = self.ctx.ops.engine().stats().entries;
                 self.int(entries as i64);
                 Ok(("dbsize", "ok"))
             }
             "INFO" => {
-                let info = self.info();
+                let info = self.info(&args[1..]);
                 self.bulk(info.as_bytes());
                 Ok(("info", "ok"))
             }
@@ -192,6 +225,13 @@ impl Conn {
             }
             "FLUSHDB" | "FLUSHALL" => {
                 need!(1, 2, "flushdb");
+                if let Some(mode) = args.get(1).map(Arg::bytes)
+                    && !mode.eq_ignore_ascii_case(b"SYNC")
+                    && !mode.eq_ignore_ascii_case(b"ASYNC")
+                {
+                    self.error("ERR syntax error");
+                    return Ok(("flushdb", "refused"));
+                }
                 if !self.settings.allow_flush {
                     self.error(&format!(
                         "ERR {name} is disabled on this agent (compat.redis.allow_flush)"
@@ -326,15 +366,44 @@ impl Conn {
             .map(|a| a.bytes().to_ascii_uppercase())
             .unwrap_or_default();
         match sub.as_slice() {
-            b"SETNAME" if args.len() == 3 => {
-                self.name = Some(args[2].bytes().to_vec());
+            b"SETNAME" | b"SETINFO" | b"GETNAME" | b"ID" | b"INFO"
+                if args.len() != client_arity(&sub) =>
+            {
+                self.error(&format!(
+                    "ERR wrong number of arguments for 'client|{}' command",
+                    String::from_utf8_lossy(&sub).to_ascii_lowercase()
+                ));
+                return Ok(("client", "refused"));
+            }
+            b"SETNAME" => {
+                let name = args[2].bytes();
+                // As Redis: a name is printable ASCII without spaces (CLIENT INFO lists it).
+                if !name.iter().all(|c| c.is_ascii_graphic()) {
+                    self.error(
+                        "ERR Client names cannot contain spaces, newlines or special characters.",
+                    );
+                    return Ok(("client", "refused"));
+                }
+                self.name = (!name.is_empty()).then(|| name.to_vec());
                 self.ok();
             }
             b"GETNAME" => match self.name.clone() {
                 Some(n) => self.bulk(&n),
                 None => self.nil(),
             },
-            b"SETINFO" if args.len() == 4 => self.ok(),
+            b"SETINFO" => {
+                let attr = args[2].bytes();
+                if !(attr.eq_ignore_ascii_case(b"LIB-NAME")
+                    || attr.eq_ignore_ascii_case(b"LIB-VER"))
+                {
+                    self.error(&format!(
+                        "ERR Unrecognized option '{}'",
+                        String::from_utf8_lossy(attr)
+                    ));
+                    return Ok(("client", "refused"));
+                }
+                self.ok();
+            }
             b"ID" => self.int(self.id as i64),
             b"INFO" => {
                 let name = self.name.clone().unwrap_or_default();
@@ -487,14 +556,11 @@ impl Conn {
                 b"XX" if !o.nx => o.xx = true,
                 b"KEEPTTL" if o.ttl.is_none() => o.keep_ttl = true,
                 b"EX" | b"PX" if o.ttl.is_none() && !o.keep_ttl && i + 1 < opts.len() => {
-                    let v = parse_int(opts[i + 1].bytes())
+                    let ttl = parse_int(opts[i + 1].bytes())
                         .filter(|&v| v > 0)
+                        .and_then(|v| expiry(v, opt == b"PX"))
                         .ok_or_else(|| "ERR invalid expire time in 'set' command".to_string())?;
-                    o.ttl = Some(if opt == b"EX" {
-                        Duration::from_secs(v as u64)
-                    } else {
-                        Duration::from_millis(v as u64)
-                    });
+                    o.ttl = Some(ttl);
                     i += 1;
                 }
                 _ => return Err("ERR syntax error".into()),
@@ -765,10 +831,10 @@ impl Conn {
             self.int(i64::from(gone));
             return Ok(("expire", "ok"));
         }
-        let ttl = if millis {
-            Duration::from_millis(n as u64)
-        } else {
-            Duration::from_secs(n as u64)
+        let Some(ttl) = expiry(n, millis) else {
+            let name = if millis { "pexpire" } else { "expire" };
+            self.error(&format!("ERR invalid expire time in '{name}' command"));
+            return Ok(("expire", "refused"));
         };
         let engine = self.ctx.ops.engine().clone();
         let mut set = engine.set_ttl(&key, Some(ttl)).unwrap_or(false);
@@ -789,8 +855,14 @@ impl Conn {
         let v = match t {
             None => -2,
             Some(None) => -1,
-            Some(Some(d)) if millis => d.as_millis() as i64,
-            Some(Some(d)) => (d.as_millis() as i64 + 500) / 1000,
+            Some(Some(d)) => {
+                let ms = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+                if millis {
+                    ms
+                } else {
+                    ms.saturating_add(500) / 1000
+                }
+            }
         };
         self.int(v);
         Ok(("ttl", "ok"))
@@ -858,22 +930,51 @@ impl Conn {
         Ok(("scan", "ok"))
     }
 
-    fn info(&self) -> String {
+    /// `INFO [section…]`: the sections asked for (all of them for none, `all`, `default` or
+    /// `everything`).
+    fn info(&self, sections: &[Arg]) -> String {
+        let all = self.info_all();
+        let wanted = |title: &str| {
+            sections.is_empty()
+                || sections.iter().any(|a| {
+                    let a = a.bytes();
+                    a.eq_ignore_ascii_case(title.as_bytes())
+                        || [&b"all"[..], b"default", b"everything"]
+                            .iter()
+                            .any(|w| a.eq_ignore_ascii_case(w))
+                })
+        };
+        all.split("\r\n\r\n")
+            .filter(|part| {
+                part.strip_prefix("# ")
+                    .and_then(|p| p.split("\r\n").next())
+                    .is_some_and(wanted)
+            })
+            .map(|part| format!("{}\r\n", part.trim_end()))
+            .collect::<Vec<_>>()
+            .join("\r\n")
+    }
+
+    fn info_all(&self) -> String {
         let engine = self.ctx.ops.engine();
         let s = engine.stats();
         let cfg = engine.config();
         let clients = self.ctx.metrics.compat_connections("redis").get();
+        let policy = match cfg.host.policy {
+            nencache_engine::EvictionPolicy::Lru => "allkeys-lru",
+            _ => "allkeys-s3fifo",
+        };
         format!(
             "# Server\r\nredis_version:{REDIS_VERSION}\r\nnencache_version:{}\r\nredis_mode:standalone\r\nos:{}\r\narch_bits:64\r\n\r\n\
              # Clients\r\nconnected_clients:{clients}\r\n\r\n\
-             # Memory\r\nused_memory:{}\r\nmaxmemory:{}\r\nmaxmemory_policy:{:?}\r\n\r\n\
+             # Memory\r\nused_memory:{}\r\nmaxmemory:{}\r\nmaxmemory_policy:{}\r\n\r\n\
              # Stats\r\nkeyspace_hits:{}\r\nkeyspace_misses:{}\r\nevicted_keys:{}\r\nexpired_keys:{}\r\n\r\n\
              # Keyspace\r\ndb0:keys={},expires=0,avg_ttl=0\r\n",
             env!("CARGO_PKG_VERSION"),
             std::env::consts::OS,
             s.used_bytes,
             s.capacity_bytes,
-            cfg.host.policy,
+            policy,
             s.hits,
             s.misses,
             s.evictions,
