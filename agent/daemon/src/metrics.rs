@@ -168,6 +168,29 @@ impl Metrics {
             .inc();
     }
 
+    /// The duration histogram and request counter of one compat command and outcome, for a
+    /// connection to keep and observe without looking them up each time.
+    #[must_use]
+    pub fn compat_meters(
+        &self,
+        protocol: &'static str,
+        command: &'static str,
+        outcome: &'static str,
+    ) -> (Histogram, Counter) {
+        (
+            self.compat_seconds
+                .get_or_create(&CompatCommandLabels { protocol, command })
+                .clone(),
+            self.compat_total
+                .get_or_create(&CompatLabels {
+                    protocol,
+                    command,
+                    outcome,
+                })
+                .clone(),
+        )
+    }
+
     /// The gauge of open connections of a compat protocol.
     #[must_use]
     pub fn compat_connections(&self, protocol: &'static str) -> Gauge {

@@ -30,10 +30,13 @@ use tokio::io::{
     AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter, ReadHalf, WriteHalf,
 };
 
+use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
+
 use super::{Context, IO_TIMEOUT, LmMeta, Session, Stream};
 
-/// Values at least this long are read straight into staging; shorter ones are buffered
-/// first (a copy too small to matter).
+/// `MSET` values at least this long, and `SET` values but small ones of `<key>metadata`
+/// names (possible LMCache descriptions), are read straight into staging; the others are
+/// buffered first.
 const STREAM_MIN: usize = 64 << 10;
 /// The longest line (a command's array or bulk header, or an inline command).
 const MAX_LINE: usize = 64 << 10;
@@ -98,6 +101,7 @@ pub async fn connection(
         name: None,
         id,
         out: Vec::with_capacity(4096),
+        meters: HashMap::new(),
     };
     match conn.run().await {
         Ok(()) => {}
@@ -181,6 +185,8 @@ struct Conn {
     name: Option<Vec<u8>>,
     id: u64,
     out: Vec<u8>,
+    /// This connection's handles on the request metrics, by command and outcome.
+    meters: HashMap<(&'static str, &'static str), (Histogram, Counter)>,
 }
 
 // Reply encoding, into `out`.
@@ -268,9 +274,13 @@ impl Conn {
             }
             let name = String::from_utf8_lossy(args[0].bytes()).to_ascii_uppercase();
             let (label, outcome) = self.dispatch(&name, args).await?;
-            self.ctx
-                .metrics
-                .observe_compat("redis", label, outcome, start.elapsed().as_secs_f64());
+            let ctx = &self.ctx;
+            let (seconds, total) = self
+                .meters
+                .entry((label, outcome))
+                .or_insert_with(|| ctx.metrics.compat_meters("redis", label, outcome));
+            seconds.observe(start.elapsed().as_secs_f64());
+            total.inc();
             if self.out.len() > 1 << 20 {
                 let out = std::mem::take(&mut self.out);
                 within(self.wr.write_all(&out)).await?;
@@ -282,6 +292,16 @@ impl Conn {
 
     /// A line without its CRLF.
     async fn line(&mut self) -> Result<Vec<u8>, Closed> {
+        // Most lines are already buffered whole: taken from the buffer without a read.
+        let held = self.rd.buffer();
+        if let Some(end) = held.iter().take(MAX_LINE + 2).position(|&c| c == b'\n') {
+            let mut line = held[..end].to_vec();
+            self.rd.consume(end + 1);
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            return Ok(line);
+        }
         let mut line = Vec::new();
         let mut limited = (&mut self.rd).take(MAX_LINE as u64 + 2);
         let n = within(limited.read_until(b'\n', &mut line)).await?;
@@ -356,7 +376,11 @@ impl Conn {
                 args.push(Arg::Bytes(Vec::new()));
                 continue;
             }
-            if is_set_value && len as usize >= STREAM_MIN && refused.is_none() {
+            // `SET`'s value is read straight into staging unless it may be an LMCache
+            // description (`<key>metadata`, handled in memory); `MSET`'s values when large
+            // (each holds a reservation until the command is read whole).
+            let small_ok = i == 2 && !matches!(lm_part(args[1].bytes()), Some((_, Part::Meta)));
+            if is_set_value && (len as usize >= STREAM_MIN || small_ok) && refused.is_none() {
                 let key = args[i - 1].bytes().to_vec();
                 match self.stage(&key, len).await? {
                     Ok(staged) => args.push(Arg::Staged(staged)),
@@ -372,9 +396,21 @@ impl Conn {
             if buffered > MAX_COMMAND_BYTES {
                 return Err(Closed::Protocol("command too large".into()));
             }
-            let mut b = vec![0u8; len as usize];
-            within(self.rd.read_exact(&mut b)).await?;
-            self.crlf().await?;
+            let n = len as usize;
+            let b = if let Some(held) = self.rd.buffer().get(..n + 2) {
+                // Already read: taken from the buffer without a read.
+                if &held[n..] != b"\r\n" {
+                    return Err(Closed::Protocol("bulk string not followed by CRLF".into()));
+                }
+                let b = held[..n].to_vec();
+                self.rd.consume(n + 2);
+                b
+            } else {
+                let mut b = vec![0u8; n];
+                within(self.rd.read_exact(&mut b)).await?;
+                self.crlf().await?;
+                b
+            };
             args.push(Arg::Bytes(b));
         }
         if let Some(msg) = refused {
@@ -452,7 +488,14 @@ impl Conn {
         // keeps the region mapped.
         let buf = unsafe { std::slice::from_raw_parts_mut(ptr, n) };
         let deadline = engine.config().limits.reservation_timeout * 3 / 4;
-        let read = tokio::time::timeout(deadline, within(self.rd.read_exact(buf))).await;
+        let read = if let Some(held) = self.rd.buffer().get(..n) {
+            // Already read (small values, pipelined): no timer.
+            buf.copy_from_slice(held);
+            self.rd.consume(n);
+            Ok(Ok(n))
+        } else {
+            tokio::time::timeout(deadline, within(self.rd.read_exact(buf))).await
+        };
         match read {
             Ok(Ok(_)) => Ok(Ok(Staged {
                 session,

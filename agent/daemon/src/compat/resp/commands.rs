@@ -44,7 +44,7 @@ fn client_arity(sub: &[u8]) -> usize {
 }
 
 /// Values below this are committed on the connection's own thread.
-const SMALL_COMMIT: u64 = 64 << 10;
+const SMALL_COMMIT: u64 = 4 << 20;
 
 fn parse_int(b: &[u8]) -> Option<i64> {
     std::str::from_utf8(b).ok()?.parse().ok()
