@@ -1,8 +1,8 @@
 """NenCache as a remote connector of LMCache 0.5 (single-process mode), over shared memory.
 
-In LMCache's configuration::
+In LMCache's configuration (leave ``remote_url`` unset: with it, LMCache 0.5.6 creates a
+second remote backend beside the plugin's)::
 
-    remote_url: "plugin://nencache"          # not needed when only the plugin is used
     remote_storage_plugins: ["nencache"]
     extra_config:
       remote_storage_plugin.nencache.module_path: nencache.lmcache_remote

@@ -1,6 +1,6 @@
 """nencache.lmcache.NativeClient, the object LMCache's ``native_plugin`` L2 adapter drives, used
 the way that adapter uses it (submit, wait on the eventfd, drain); needs no LMCache. The
-same client driven by LMCache's own adapter code is in test_lmcache.py."""
+same client driven by LMCache's own adapter code is in test_lmcache_plugins.py."""
 
 from __future__ import annotations
 

@@ -20,13 +20,13 @@ use std::{
     net::{SocketAddr, TcpListener, TcpStream},
     path::Path,
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use anyhow::{Context, bail};
 use clap::Args;
 
-use crate::io::{Proc, caches, human, page_aligned, pool};
+use crate::io::{Proc, caches, human, page_aligned, pool, wait_until};
 
 /// Options of `nencache-bench compat`.
 #[derive(Debug, Args)]
@@ -71,17 +71,7 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 fn wait_tcp(addr: SocketAddr, child: &mut std::process::Child, what: &str) -> anyhow::Result<()> {
-    let t = Instant::now();
-    while TcpStream::connect(addr).is_err() {
-        if let Some(s) = child.try_wait()? {
-            bail!("{what} exited early: {s}");
-        }
-        if t.elapsed() > Duration::from_secs(30) {
-            bail!("{what} did not start within 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
+    wait_until(child, what, || TcpStream::connect(addr).is_ok())
 }
 
 /// The agent with its Redis and lm:// listeners on the given ports, host memory only.

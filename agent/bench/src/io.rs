@@ -212,8 +212,17 @@ impl Drop for Proc {
 }
 
 pub(crate) fn wait_for(path: &Path, child: &mut Child, what: &str) -> anyhow::Result<()> {
+    wait_until(child, what, || UnixStream::connect(path).is_ok())
+}
+
+/// Waits up to 30 s for `ready`, failing early if `child` exits.
+pub(crate) fn wait_until(
+    child: &mut Child,
+    what: &str,
+    ready: impl Fn() -> bool,
+) -> anyhow::Result<()> {
     let t = Instant::now();
-    while UnixStream::connect(path).is_err() {
+    while !ready() {
         if let Some(s) = child.try_wait()? {
             bail!("{what} exited early: {s}");
         }

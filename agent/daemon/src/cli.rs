@@ -102,7 +102,7 @@ pub struct ConvertArgs {
     #[arg(required_unless_present = "env", conflicts_with = "env")]
     pub file: Option<PathBuf>,
     /// Read the configuration as LMCache does from its environment: the file named by
-    /// LMCACHE_CONFIG_FILE when set, else the LMCACHE_* variables.
+    /// LMCACHE_CONFIG_FILE when set, with the LMCACHE_* variables over it.
     #[arg(long)]
     pub env: bool,
     /// LMCache processes (tensor-parallel ranks) per node; LMCache's sizes are per rank.
@@ -245,14 +245,18 @@ fn convert(args: &ConvertArgs) -> anyhow::Result<i32> {
     } else {
         args.file.clone()
     };
-    let cfg = match file {
+    let mut cfg = match file {
         Some(path) => {
             let text = std::fs::read_to_string(&path)
                 .with_context(|| format!("reading {}", path.display()))?;
             lmconvert::parse_file(&text).with_context(|| path.display().to_string())?
         }
-        None => lmconvert::from_env(std::env::vars()),
+        None => Default::default(),
     };
+    if args.env {
+        // LMCache 0.5 applies its LMCACHE_* variables over the file's values.
+        cfg.extend(lmconvert::from_env(std::env::vars()));
+    }
     let out = lmconvert::convert(
         &cfg,
         &lmconvert::Options {

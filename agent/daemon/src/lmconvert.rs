@@ -50,7 +50,7 @@ pub const KEYS: &[(&str, Class, &str)] = &[
     (
         "local_cpu",
         Class::Mapped,
-        "LMCache's in-process CPU cache becomes the agent's shared host tier; LMCache keeps a small local CPU buffer, which its remote connectors allocate from",
+        "LMCache's in-process CPU cache becomes the agent's shared host tier; LMCache keeps its CPU memory (the old size, at most 2 GB) as the buffer its remote connectors allocate from",
     ),
     (
         "max_local_cpu_size",
@@ -507,8 +507,8 @@ pub fn parse_file(source: &str) -> anyhow::Result<BTreeMap<String, serde_yaml_ng
     Ok(out)
 }
 
-/// The LMCache configuration in `LMCACHE_*` variables (`LMCACHE_CONFIG_FILE` excluded).
-/// `extra_config` is JSON there, as LMCache reads it.
+/// The LMCache configuration in `LMCACHE_*` variables (`LMCACHE_CONFIG_FILE` excluded), as
+/// LMCache reads them: numbers and booleans as such, `extra_config` as JSON.
 #[must_use]
 pub fn from_env(
     vars: impl IntoIterator<Item = (String, String)>,
@@ -521,7 +521,10 @@ pub fn from_env(
                 "extra_config" => {
                     serde_yaml_ng::from_str(&v).unwrap_or(serde_yaml_ng::Value::String(v))
                 }
-                _ => serde_yaml_ng::Value::String(v),
+                _ => match serde_yaml_ng::from_str(&v) {
+                    Ok(n @ (serde_yaml_ng::Value::Number(_) | serde_yaml_ng::Value::Bool(_))) => n,
+                    _ => serde_yaml_ng::Value::String(v),
+                },
             };
             Some((key, value))
         })
@@ -928,6 +931,9 @@ mod tests {
         ]);
         assert_eq!(cfg.len(), 4);
         assert_eq!(cfg["extra_config"]["use_odirect"], true);
+        assert_eq!(cfg["max_local_cpu_size"], 0.5);
+        assert_eq!(cfg["enable_pd"], false);
+        assert_eq!(cfg["cache_policy"], "lru");
         let c = convert(&cfg, &Options::default()).unwrap();
         assert_eq!(class_of(&c, "enable_pd"), Class::NotNeeded);
         assert!(!c.has_unsupported());

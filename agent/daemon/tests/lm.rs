@@ -354,6 +354,19 @@ fn a_converted_lmcache_configuration_runs_an_agent() {
     let report = std::fs::read_to_string(out.join("report.txt")).unwrap();
     assert_eq!(report.lines().count(), 6, "{report}");
 
+    // --env: LMCache's file with its LMCACHE_* variables over it, as LMCache reads them.
+    let from_env = std::process::Command::new(env!("CARGO_BIN_EXE_nencache"))
+        .args(["lmcache", "convert", "--env", "--ranks-per-node", "2"])
+        .env("LMCACHE_CONFIG_FILE", &src)
+        .env("LMCACHE_MAX_LOCAL_CPU_SIZE", "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8(from_env.stdout).unwrap();
+    assert!(
+        text.contains("capacity: 2GiB\n") && text.contains("cache.t2"),
+        "{text}"
+    );
+
     std::fs::create_dir_all(&lmc).unwrap();
     let socket = dir.path().join("run/agent.sock");
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_nencache-agent"));
