@@ -445,39 +445,56 @@ impl Conn {
         Ok(())
     }
 
-    /// Reserves `key` (or, for `<key>kv_bytes`, `<key>` with room for its description) and
-    /// reads the `len`-byte value into staging. The inner error is the reply of a value that
-    /// could not be stored (then it was read and dropped).
-    async fn stage(&mut self, key: &[u8], len: u64) -> Result<Result<Staged, String>, Closed> {
+    /// Reserves a `len`-byte value of `key`: `key` itself, or for `<key>kv_bytes` the entry
+    /// `<key>` with room for its description. Returns the reservation and its offset in the
+    /// staging area, or the reply of a refusal.
+    fn reserve_value(&mut self, key: &[u8], len: u64) -> Result<(Staged, u64), String> {
         let (ekey, lm) = match lm_part(key) {
             Some((base, Part::Bytes)) => (base.to_vec(), true),
             _ => (key.to_vec(), false),
         };
         let room = [0u8; LM_META_ROOM];
-        let meta: &[u8] = if lm { &room } else { &[] };
-        let reserved = self.session.id().and_then(|session| {
-            let item = PutItem {
-                key: &ekey,
-                value_len: len,
-                metadata: meta,
-                ttl: None,
-                overwrite: true,
-            };
-            Ok((session, self.ctx.ops.reserve(session, &[item])?))
-        });
-        let (session, id, offset) = match reserved {
-            Ok((s, r)) => match r.first() {
-                Some(&Reserved::Space { id, staging_offset }) => (s, id, staging_offset),
-                _ => {
-                    self.drain(len).await?;
-                    return Ok(Err("ERR the value could not be reserved".into()));
-                }
-            },
-            Err(e) => {
+        let item = PutItem {
+            key: &ekey,
+            value_len: len,
+            metadata: if lm { &room } else { &[] },
+            ttl: None,
+            overwrite: true,
+        };
+        let session = self.session.id().map_err(|e| engine_reply(&e))?;
+        match self
+            .ctx
+            .ops
+            .reserve(session, &[item])
+            .map_err(|e| engine_reply(&e))?
+            .first()
+        {
+            Some(&Reserved::Space { id, staging_offset }) => Ok((
+                Staged {
+                    session,
+                    id,
+                    key: ekey,
+                    lm,
+                    len,
+                },
+                staging_offset,
+            )),
+            _ => Err("ERR the value could not be reserved".into()),
+        }
+    }
+
+    /// Reserves the value of `key` ([`Self::reserve_value`]) and reads its `len` bytes into
+    /// staging. The inner error is the reply of a value that could not be stored (then it
+    /// was read and dropped).
+    async fn stage(&mut self, key: &[u8], len: u64) -> Result<Result<Staged, String>, Closed> {
+        let (staged, offset) = match self.reserve_value(key, len) {
+            Ok(r) => r,
+            Err(reply) => {
                 self.drain(len).await?;
-                return Ok(Err(engine_reply(&e)));
+                return Ok(Err(reply));
             }
         };
+        let (session, id) = (staged.session, staged.id);
         let engine = self.ctx.ops.engine().clone();
         let n = usize::try_from(len).unwrap_or(usize::MAX);
         let ptr = engine.staging().ptr_at(offset as usize, n);
@@ -497,13 +514,7 @@ impl Conn {
             tokio::time::timeout(deadline, within(self.rd.read_exact(buf))).await
         };
         match read {
-            Ok(Ok(_)) => Ok(Ok(Staged {
-                session,
-                id,
-                key: ekey,
-                lm,
-                len,
-            })),
+            Ok(Ok(_)) => Ok(Ok(staged)),
             Ok(Err(e)) => {
                 let _ = self.ctx.ops.abort(session, &[id]);
                 Err(e)

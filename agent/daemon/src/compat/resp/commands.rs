@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use nencache_engine::{EngineError, Lease, Reserved};
+use nencache_engine::{EngineError, Lease};
 
 use super::{
     Arg, Closed, Conn, LM_META_ROOM, LmMeta, Part, Pending, REDIS_VERSION, Staged, engine_reply,
@@ -672,44 +672,16 @@ impl Conn {
     }
 
     fn stage_bytes(&mut self, key: &[u8], value: &[u8]) -> Result<Staged, String> {
-        let (ekey, lm) = match lm_part(key) {
-            Some((base, Part::Bytes)) => (base.to_vec(), true),
-            _ => (key.to_vec(), false),
+        let (staged, offset) = self.reserve_value(key, value.len() as u64)?;
+        // SAFETY: the reserved staging range is this reservation's alone.
+        unsafe {
+            self.ctx
+                .ops
+                .engine()
+                .staging()
+                .write(offset as usize, value)
         };
-        let room = [0u8; LM_META_ROOM];
-        let item = nencache_engine::PutItem {
-            key: &ekey,
-            value_len: value.len() as u64,
-            metadata: if lm { &room } else { &[] },
-            ttl: None,
-            overwrite: true,
-        };
-        let session = self.session.id().map_err(|e| engine_reply(&e))?;
-        match self
-            .ctx
-            .ops
-            .reserve(session, &[item])
-            .map_err(|e| engine_reply(&e))?[0]
-        {
-            Reserved::Space { id, staging_offset } => {
-                // SAFETY: the reserved staging range is this reservation's alone.
-                unsafe {
-                    self.ctx
-                        .ops
-                        .engine()
-                        .staging()
-                        .write(staging_offset as usize, value);
-                }
-                Ok(Staged {
-                    session,
-                    id,
-                    key: ekey,
-                    lm,
-                    len: value.len() as u64,
-                })
-            }
-            Reserved::Exists => Err("ERR the value could not be reserved".into()),
-        }
+        Ok(staged)
     }
 
     /// Publishes a staged value under the `SET`'s options (`false`: NX/XX said not to), or,
