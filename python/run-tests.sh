@@ -31,6 +31,11 @@ rm -rf "$venv"
 "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip --disable-pip-version-check --quiet)
 "${pip[@]}" install numpy pytest redis
+# Optional suites: NENCACHE_TEST_REQUIREMENTS names a requirements file to add (for example
+# python/tests/lmcache-requirements.txt, for the tests that drive LMCache's own code).
+if [ -n "${NENCACHE_TEST_REQUIREMENTS:-}" ]; then
+    "${pip[@]}" install -r "$NENCACHE_TEST_REQUIREMENTS"
+fi
 # A debug build: the tests need no optimized code, and it reuses the workspace's dev
 # artifacts (pip's default for maturin is a release build).
 MATURIN_PEP517_ARGS="--profile dev" "${pip[@]}" install "$root/python"
