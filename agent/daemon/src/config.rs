@@ -331,7 +331,12 @@ pub struct ServeArgs {
     #[arg(long, env = "NENCACHE_AGENT_SMALL_QUEUE_PERCENT")]
     pub small_queue_percent: Option<u8>,
     /// Lock the arena into RAM (needs CAP_IPC_LOCK).
-    #[arg(long, env = "NENCACHE_AGENT_LOCK_MEMORY")]
+    #[arg(
+        long,
+        env = "NENCACHE_AGENT_LOCK_MEMORY",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
     pub lock_memory: Option<bool>,
     /// Default TTL of entries (e.g. 10m) [default: none].
     #[arg(long, env = "NENCACHE_AGENT_DEFAULT_TTL")]
@@ -387,7 +392,12 @@ pub struct ServeArgs {
     #[arg(long, env = "NENCACHE_AGENT_REDIS_PASSWORD", hide_env_values = true)]
     pub redis_password: Option<String>,
     /// Let Redis clients empty the cache with FLUSHDB/FLUSHALL [default: false]
-    #[arg(long, env = "NENCACHE_AGENT_REDIS_ALLOW_FLUSH")]
+    #[arg(
+        long,
+        env = "NENCACHE_AGENT_REDIS_ALLOW_FLUSH",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
     pub redis_allow_flush: Option<bool>,
 }
 

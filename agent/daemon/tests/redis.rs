@@ -277,7 +277,7 @@ fn strings_expiry_and_the_keyspace() {
 
 #[test]
 fn resp3_after_hello_and_a_password() {
-    let (_a, addr) = agent(&["--redis-password", "s3cret", "--redis-allow-flush", "true"]);
+    let (_a, addr) = agent(&["--redis-password", "s3cret", "--redis-allow-flush"]);
     let mut c = Redis::connect(&addr);
     assert_eq!(
         c.cmd(&["GET", "k"]),
@@ -437,11 +437,17 @@ fn lmcaches_two_keys_are_one_entry_committed_with_its_description() {
     assert_eq!(a.cmd(&["EXISTS", "m@1@0@78@bfloat16metadata"]), R::Int(0));
     a.send(&[b"GET", format!("{shared}metadata").as_bytes()]);
     assert_eq!(a.reply(), R::Bulk(meta.clone()));
-    // A name ending in metadata with a value that is no description is an ordinary key.
+    // A name ending in metadata with a value that is no description (or is too large to be
+    // one: over 1,024 bytes) is an ordinary key.
     assert_eq!(
         a.cmd(&["SET", "notes-metadata", "hello"]),
         R::Simple("OK".into())
     );
+    let mut long = vec![0u8; 8 + 20 * 60];
+    long[..4].copy_from_slice(&100i32.to_le_bytes());
+    a.send(&[b"SET", b"m@1@0@79@bfloat16metadata", &long]);
+    assert_eq!(a.reply(), R::Simple("OK".into()));
+    assert_eq!(a.cmd(&["EXISTS", "m@1@0@79@bfloat16metadata"]), R::Int(1));
     assert_eq!(a.cmd(&["GET", "notes-metadata"]), bulk("hello"));
     // Deleting either name deletes the entry.
     assert_eq!(a.cmd(&["DEL", &format!("{key}kv_bytes")]), R::Int(1));

@@ -642,9 +642,10 @@ impl Conn {
         let length = value
             .get(..4)
             .map(|b| i32::from_le_bytes(b.try_into().unwrap_or([0; 4])));
-        let described = length
-            .and_then(|n| u64::try_from(n).ok())
-            .is_some_and(|n| LmMeta::decode(value, n).is_some());
+        let described = value.len() <= LM_META_ROOM
+            && length
+                .and_then(|n| u64::try_from(n).ok())
+                .is_some_and(|n| LmMeta::decode(value, n).is_some());
         if !described {
             return Ok(None);
         }
