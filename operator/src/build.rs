@@ -56,6 +56,9 @@ pub const DISK_MOUNT: &str = "/var/lib/nencache/disk";
 /// with headers: 128 MiB for the 64 MiB largest value it gets from the configuration written
 /// here (its staging area is never below 64 MiB).
 const MIN_LOWER_TIER_BYTES: u64 = 256 << 20;
+/// The agent's default demotion queue (`tiers.demotion_queue`), which must hold the largest
+/// value: the operator writes a larger one for a larger `maxValue`.
+const DEFAULT_DEMOTION_QUEUE: u64 = 64 << 20;
 /// The agent's in-memory index of a lower tier takes about 128 bytes per 64 KiB of the tier's
 /// capacity: capacity / 512.
 const LOWER_TIER_INDEX_DIVISOR: u64 = 512;
@@ -265,6 +268,8 @@ pub struct Validated {
     pub host_bytes: u64,
     /// Staging area in bytes.
     pub staging_bytes: u64,
+    /// The largest value in bytes, when the spec sets it.
+    pub max_value_bytes: Option<u64>,
     /// NVMe tier capacity in bytes, if the cluster has the tier.
     pub nvme_bytes: Option<u64>,
     /// Disk tier capacity in bytes, if the cluster has the tier.
@@ -382,8 +387,39 @@ pub fn validate(ncc: &NenCacheCluster, policy: &Policy) -> Result<Validated, Spe
             other_value: nvme.host_path.clone(),
         });
     }
-    // The agent's own default: a quarter of the arena, at most 256 MiB, at least 64 MiB.
-    let staging_bytes = (host_bytes / 4).clamp(64 << 20, 256 << 20);
+    let max_value_bytes = match &spec.tiers.host.max_value {
+        Some(q) => {
+            let b = parse_bytes("tiers.host.maxValue", q)?;
+            if b < 1 << 20 || b > host_bytes / 4 {
+                return Err(SpecError::SizeOutOfRange {
+                    field: "tiers.host.maxValue",
+                    value: q.clone(),
+                    reason: "from 1Mi to a quarter of tiers.host.size",
+                });
+            }
+            for (field, tier) in [
+                ("tiers.nvme.size", nvme_bytes),
+                ("tiers.disk.size", disk_bytes),
+            ] {
+                // A tier holds at least two regions, each a power of two that holds the
+                // largest value with its headers: four times the value is always enough.
+                if tier.is_some_and(|t| t < 4 * b) {
+                    return Err(SpecError::SizeOutOfRange {
+                        field,
+                        value: tier.unwrap_or_default().to_string(),
+                        reason: "at least four times tiers.host.maxValue",
+                    });
+                }
+            }
+            Some(b)
+        }
+        None => None,
+    };
+    // The agent's own default: a quarter of the arena, at most 256 MiB, at least 64 MiB; and
+    // room for two of the largest values.
+    let staging_bytes = (host_bytes / 4)
+        .clamp(64 << 20, 256 << 20)
+        .max(2 * max_value_bytes.unwrap_or(0));
     let least_grace = if nvme_bytes.is_some() || disk_bytes.is_some() {
         LOWER_TIERS_MIN_GRACE_SECONDS
     } else {
@@ -396,6 +432,7 @@ pub fn validate(ncc: &NenCacheCluster, policy: &Policy) -> Result<Validated, Spe
     Ok(Validated {
         host_bytes,
         staging_bytes,
+        max_value_bytes,
         nvme_bytes,
         disk_bytes,
         grace_seconds,
@@ -569,6 +606,9 @@ pub fn agent_config(ncc: &NenCacheCluster, v: &Validated) -> String {
         lock = s.tiers.host.lock_memory,
         grace = v.agent_shutdown_grace_seconds(),
     );
+    if let Some(m) = v.max_value_bytes {
+        let _ = writeln!(out, "  max_value: {m}");
+    }
     let (nvme, disk) = (
         s.tiers.nvme.as_ref().zip(v.nvme_bytes),
         s.tiers.disk.as_ref().zip(v.disk_bytes),
@@ -583,11 +623,16 @@ pub fn agent_config(ncc: &NenCacheCluster, v: &Validated) -> String {
             let _ = write!(out, "  redis:\n    tcp: 0.0.0.0:{p}\n");
         }
     }
-    if nvme.is_none() && disk.is_none() {
+    // The demotion queue must hold the largest value (its default is 64 MiB).
+    let queue = v.max_value_bytes.filter(|&m| m > DEFAULT_DEMOTION_QUEUE);
+    if nvme.is_none() && disk.is_none() && queue.is_none() {
         out.push_str("tiers: {}\n");
         return out;
     }
     out.push_str("tiers:\n");
+    if let Some(q) = queue {
+        let _ = writeln!(out, "  demotion_queue: {q}");
+    }
     if let Some((t, bytes)) = nvme {
         let _ = write!(
             out,
@@ -750,7 +795,8 @@ fn probe(path: &str, port: i32, period: i32) -> Probe {
 }
 
 /// Memory for the agent: arena + staging + the lower tiers' in-memory index (about 128
-/// bytes per 64 KiB of their capacity) + 256 MiB for everything else. The disk tier's
+/// bytes per 64 KiB of their capacity) + a demotion queue grown past its default for large
+/// values + 256 MiB for everything else. The disk tier's
 /// memory-mapped segments are not in it: they are file-backed page cache, charged to the
 /// pod's cgroup while resident but reclaimable, so the kernel evicts them at the limit
 /// instead of killing the agent. The NVMe tier uses O_DIRECT and so no page cache.
@@ -765,6 +811,11 @@ fn default_resources(v: &Validated) -> ResourceRequirements {
         "{}Mi",
         v.host_bytes
             .saturating_add(v.staging_bytes)
+            .saturating_add(
+                v.max_value_bytes
+                    .unwrap_or(0)
+                    .saturating_sub(DEFAULT_DEMOTION_QUEUE),
+            )
             .div_ceil(1 << 20)
             .saturating_add(index.div_ceil(1 << 20))
             .saturating_add(256)

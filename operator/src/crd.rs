@@ -173,6 +173,13 @@ pub struct HostTier {
     /// Lock the arena into RAM (adds the IPC_LOCK capability).
     #[serde(default)]
     pub lock_memory: bool,
+    /// Largest value the agent accepts, as a Kubernetes quantity (default: 64Mi, less for a
+    /// small arena); from 1Mi to a quarter of `size`. Raise it for KV chunks of large models
+    /// (a 256-token chunk of a 70B model in 16 bits is 80Mi); the staging area grows to twice
+    /// it, and each lower tier must hold four times it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = SIZE_PATTERN))]
+    pub max_value: Option<String>,
 }
 
 fn default_host_size() -> String {
@@ -185,6 +192,7 @@ impl Default for HostTier {
             size: default_host_size(),
             huge_pages: false,
             lock_memory: false,
+            max_value: None,
         }
     }
 }

@@ -586,6 +586,58 @@ fn storage_tier_sizes_are_parsed_and_too_small_ones_refused() {
 }
 
 #[test]
+fn the_largest_value_can_be_raised_for_large_chunks() {
+    let policy = Policy::default();
+    let spec = |extra: &str| {
+        with_spec(&format!(
+            "tiers: {{host: {{size: 4Gi{extra}}}, nvme: {{size: 512Mi, hostPath: /var/lib/nencache/n}}}}"
+        ))
+    };
+    let ncc = spec(", maxValue: 96Mi");
+    let v = validate(&ncc, &policy).unwrap();
+    assert_eq!(v.max_value_bytes, Some(96 << 20));
+    assert_eq!(
+        v.staging_bytes,
+        256 << 20,
+        "twice 96Mi is below the default"
+    );
+    // What the operator writes, the agent accepts, with that largest value.
+    let agent_max_value = |ncc: &NenCacheCluster| {
+        let r = built(ncc);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.yaml");
+        std::fs::write(&path, &r.config_map.data.as_ref().unwrap()["agent.yaml"]).unwrap();
+        let s = ServeArgs {
+            config: Some(path),
+            ..ServeArgs::default()
+        }
+        .resolve(None)
+        .unwrap();
+        assert!(!s.default_tier);
+        s.engine.limits.max_value
+    };
+    assert_eq!(agent_max_value(&ncc), 96 << 20);
+    // Larger values: staging grows to hold two; no lower tier, still none.
+    let large = with_spec("tiers: {host: {size: 4Gi, maxValue: 200Mi}}");
+    let v = validate(&large, &policy).unwrap();
+    assert_eq!(v.staging_bytes, 400 << 20);
+    assert_eq!(agent_max_value(&large), 200 << 20);
+    assert_eq!(validate(&spec(""), &policy).unwrap().max_value_bytes, None);
+    for (extra, field, needle) in [
+        (", maxValue: 512Ki", "tiers.host.maxValue", "from 1Mi"),
+        (", maxValue: 2Gi", "tiers.host.maxValue", "a quarter"),
+        (", maxValue: 200Mi", "tiers.nvme.size", "four times"),
+        (", maxValue: big", "tiers.host.maxValue", "not a size"),
+    ] {
+        let msg = validate(&spec(extra), &policy).unwrap_err().to_string();
+        assert!(
+            msg.starts_with(&format!("{field}: ")) && msg.contains(needle),
+            "{extra}: {msg}"
+        );
+    }
+}
+
+#[test]
 fn the_memory_request_includes_the_lower_tiers_index() {
     // 4Gi arena + 256Mi staging + (64Gi + 256Gi) / 512 = 640Mi of index + 256Mi.
     let r = built(&fixture("tiers.yaml"));
