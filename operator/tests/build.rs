@@ -185,6 +185,20 @@ fn agent_yaml(r: &Resources) -> serde_yaml_ng::Value {
 }
 
 /// The agent container's memory request and limit.
+/// The settings the agent resolves from the configuration the operator wrote.
+fn agent_settings(
+    r: &Resources,
+) -> Result<nencache_agent::config::Settings, nencache_agent::config::ConfigError> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.yaml");
+    std::fs::write(&path, &r.config_map.data.as_ref().unwrap()["agent.yaml"]).unwrap();
+    ServeArgs {
+        config: Some(path),
+        ..ServeArgs::default()
+    }
+    .resolve(None)
+}
+
 fn agent_memory(r: &Resources) -> (String, String) {
     let res = pod(r).containers[0].resources.as_ref().unwrap();
     (
@@ -236,15 +250,7 @@ fn the_generated_agent_config_is_accepted_by_the_agent() {
         ("smallest tiers", smallest, 1 << 30, false, &least),
     ] {
         let r = built(&ncc);
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("agent.yaml");
-        std::fs::write(&path, &r.config_map.data.as_ref().unwrap()["agent.yaml"]).unwrap();
-        let s = ServeArgs {
-            config: Some(path),
-            ..ServeArgs::default()
-        }
-        .resolve(None)
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let s = agent_settings(&r).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(s.engine.host.capacity, capacity);
         assert_eq!(s.engine.host.lock_memory, lock);
         // Never the agent's own default tier in its user's data directory.
@@ -603,16 +609,7 @@ fn the_largest_value_can_be_raised_for_large_chunks() {
     );
     // What the operator writes, the agent accepts, with that largest value.
     let agent_max_value = |ncc: &NenCacheCluster| {
-        let r = built(ncc);
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("agent.yaml");
-        std::fs::write(&path, &r.config_map.data.as_ref().unwrap()["agent.yaml"]).unwrap();
-        let s = ServeArgs {
-            config: Some(path),
-            ..ServeArgs::default()
-        }
-        .resolve(None)
-        .unwrap();
+        let s = agent_settings(&built(ncc)).unwrap();
         assert!(!s.default_tier);
         s.engine.limits.max_value
     };
@@ -986,15 +983,7 @@ fn compat_listeners_get_ports_config_and_a_node_local_service() {
         "{config}"
     );
     // The agent reads it as its listeners.
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("agent.yaml");
-    std::fs::write(&path, config).unwrap();
-    let s = ServeArgs {
-        config: Some(path),
-        ..ServeArgs::default()
-    }
-    .resolve(None)
-    .unwrap();
+    let s = agent_settings(&r).unwrap();
     assert_eq!(s.compat.lm_tcp, Some("0.0.0.0:65432".parse().unwrap()));
     assert_eq!(s.compat.redis_tcp, Some("0.0.0.0:6379".parse().unwrap()));
     let container = &r.daemon_set.spec.template.spec.as_ref().unwrap().containers[0];
