@@ -40,10 +40,6 @@ CHUNK = 256
 LAYERS, HEADS, HEAD = 4, 2, 128  # a full bf16 chunk is [2, 4, 256, 256]: 1 MiB
 PROTOCOLS = ["lm", "redis"]
 
-def compat_port(agent: Agent, protocol: str) -> int:
-    return agent.compat_port(protocol)
-
-
 def metrics(agent: Agent) -> dict[str, float]:
     """The agent's Prometheus metrics (series with their labels -> value)."""
     import urllib.request
@@ -218,7 +214,7 @@ def shared_agent(tmp_path_factory):
 
 
 def url_of(agent: Agent, protocol: str) -> str:
-    return f"{protocol}://127.0.0.1:{compat_port(agent, protocol)}"
+    return f"{protocol}://127.0.0.1:{agent.compat_port(protocol)}"
 
 
 @pytest.fixture
@@ -425,7 +421,7 @@ def test_redis_two_instances_store_one_chunk_at_once(shared_agent, remotes):
 
     url = url_of(shared_agent, "redis")
     a, b = remotes(url), remotes(url)
-    raw = redis.Redis(port=compat_port(shared_agent, "redis"))
+    raw = redis.Redis(port=shared_agent.compat_port("redis"))
     k = key()
     obj_a, want = a.chunk(CHUNK, seed=140)
     obj_b, _ = b.chunk(CHUNK, seed=140)  # the same chunk: same key, same bytes
@@ -486,7 +482,7 @@ def test_restart_with_a_lower_tier(protocol, tmp_path, remotes):
     ).start()
     try:
         url = f"{protocol}://127.0.0.1:{lm_port if protocol == 'lm' else redis_port}"
-        assert compat_port(agent, protocol) == int(url.rsplit(":", 1)[1])
+        assert agent.compat_port(protocol) == int(url.rsplit(":", 1)[1])
         first = remotes(url)
         before = [key() for _ in range(3)]
         wants = [first.put(k, CHUNK if i else 90, seed=100 + i) for i, k in enumerate(before)]
@@ -497,7 +493,7 @@ def test_restart_with_a_lower_tier(protocol, tmp_path, remotes):
         took = agent.stop()
         assert took < 5, f"the agent took {took:.1f} s to stop with an idle connection open"
         agent.start()
-        assert compat_port(agent, protocol) == int(url.rsplit(":", 1)[1])
+        assert agent.compat_port(protocol) == int(url.rsplit(":", 1)[1])
 
         # redis-py reconnects by itself; the lm connection is gone for good
         after = reconnected(first) if protocol == "redis" else remotes(url)

@@ -14,10 +14,6 @@ from conftest import Agent
 redis = pytest.importorskip("redis", reason="redis-py is not installed: pip install redis")
 
 
-def redis_port(agent: Agent) -> int:
-    return agent.compat_port("redis")
-
-
 @pytest.fixture(scope="module")
 def redis_agent(tmp_path_factory):
     a = Agent(
@@ -35,7 +31,7 @@ def redis_agent(tmp_path_factory):
 
 @pytest.fixture(params=[2, 3], ids=["resp2", "resp3"])
 def r(request, redis_agent):
-    c = redis.Redis(port=redis_port(redis_agent), password="pw", protocol=request.param)
+    c = redis.Redis(port=redis_agent.compat_port("redis"), password="pw", protocol=request.param)
     yield c
     c.close()
 
@@ -102,10 +98,10 @@ def test_errors_are_redis_errors(r, unique):
 
 
 def test_a_wrong_password_is_refused(redis_agent):
-    c = redis.Redis(port=redis_port(redis_agent), password="nope", protocol=3)
+    c = redis.Redis(port=redis_agent.compat_port("redis"), password="nope", protocol=3)
     with pytest.raises(redis.AuthenticationError):
         c.ping()
-    c = redis.Redis(port=redis_port(redis_agent), protocol=2)
+    c = redis.Redis(port=redis_agent.compat_port("redis"), protocol=2)
     with pytest.raises(redis.AuthenticationError):
         c.get("k")
 
@@ -136,7 +132,7 @@ def test_the_client_reconnects_after_an_agent_restart(tmp_path):
     (tmp_path / "r").mkdir()
     a.start()
     try:
-        port = redis_port(a)
+        port = a.compat_port("redis")
         c = redis.Redis(port=port, protocol=3, retry_on_error=[redis.ConnectionError])
         assert c.set("k", b"v") is True
         a.kill()

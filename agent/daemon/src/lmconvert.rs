@@ -482,6 +482,11 @@ fn size(bytes: u64) -> String {
     bytes.to_string()
 }
 
+/// The entry of [`KEYS`] for `key`.
+fn known(key: &str) -> Option<(&'static str, Class, &'static str)> {
+    KEYS.iter().find(|(n, ..)| *n == key).copied()
+}
+
 /// A `file://` location's path.
 fn file_path(v: &str) -> Option<String> {
     v.strip_prefix("file://").map(|p| p.to_owned())
@@ -602,24 +607,19 @@ pub fn convert(
         size(max_value),
         opts.lm_listen
     );
-    match &disk {
-        Some(d) => {
-            let raw = file_path(d).unwrap_or_else(|| d.clone());
-            let path = if raw.starts_with('/') {
-                format!("{}/cache.t2", raw.trim_end_matches('/'))
-            } else {
-                opts.default_disk_path.clone()
-            };
-            let _ = write!(
-                agent,
-                "tiers:\n  demotion_queue: {}\n  nvme:\n    path: {path}\n    size: {}\n",
-                size(2 * max_value),
-                size(tier.unwrap_or_default())
-            );
-        }
-        None => {
-            let _ = writeln!(agent, "tiers:\n  demotion_queue: {}", size(2 * max_value));
-        }
+    let _ = writeln!(agent, "tiers:\n  demotion_queue: {}", size(2 * max_value));
+    if let (Some(d), Some(tier)) = (&disk, tier) {
+        let raw = file_path(d).unwrap_or_else(|| d.clone());
+        let path = if raw.starts_with('/') {
+            format!("{}/cache.t2", raw.trim_end_matches('/'))
+        } else {
+            opts.default_disk_path.clone()
+        };
+        let _ = write!(
+            agent,
+            "  nvme:\n    path: {path}\n    size: {}\n",
+            size(tier)
+        );
     }
 
     // LMCache, pointed at the agent. Its CPU backend stays as the buffer its remote
@@ -628,8 +628,7 @@ pub fn convert(
     let buffer_gb = (cpu_bytes as f64 / f64::from(1u32 << 30)).min(2.0);
     let mut lm: BTreeMap<String, serde_yaml_ng::Value> = BTreeMap::new();
     for (k, v) in cfg {
-        let class = KEYS.iter().find(|(n, ..)| n == k).map(|(_, c, _)| *c);
-        if class == Some(Class::Kept) {
+        if known(k).is_some_and(|(_, class, _)| class == Class::Kept) {
             lm.insert(k.clone(), v.clone());
         }
     }
@@ -648,7 +647,7 @@ pub fn convert(
     lmcache_yaml.push_str(&serde_yaml_ng::to_string(&lm).context("writing LMCache's YAML")?);
 
     for k in cfg.keys() {
-        let Some(&(_, class, why)) = KEYS.iter().find(|(n, ..)| n == k) else {
+        let Some((_, class, why)) = known(k) else {
             note(
                 k,
                 Class::Unsupported,

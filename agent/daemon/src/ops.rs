@@ -290,8 +290,9 @@ impl Ops {
         blocking(move || engine.commit(session, &items)).await
     }
 
-    /// Commits reservations of small values on the calling thread: below about 64 KiB the
-    /// copy costs less than handing the worker's other tasks to another thread.
+    /// Commits reservations on the calling thread, for values small enough (the Redis
+    /// listener: below 4 MiB) that the copy costs less than handing the worker's other tasks
+    /// to another thread as [`Self::commit`] does.
     ///
     /// # Errors
     /// As the engine's commit.

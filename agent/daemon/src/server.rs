@@ -96,9 +96,20 @@ impl Agent {
             None => None,
         };
         let c = &settings.compat;
-        let lm = compat_listeners("lm://", c.lm_tcp, c.lm_socket.as_deref(), &bind).await?;
-        let redis =
-            compat_listeners("Redis", c.redis_tcp, c.redis_socket.as_deref(), &bind).await?;
+        let lm = compat_listeners(
+            ["lm:// address", "lm:// socket"],
+            c.lm_tcp,
+            c.lm_socket.as_deref(),
+            &bind,
+        )
+        .await?;
+        let redis = compat_listeners(
+            ["Redis address", "Redis socket"],
+            c.redis_tcp,
+            c.redis_socket.as_deref(),
+            &bind,
+        )
+        .await?;
         Ok(Self {
             settings,
             paths,
@@ -360,19 +371,14 @@ async fn bind_tcp(what: &'static str, addr: SocketAddr) -> Result<TcpListener, A
         })
 }
 
-/// The listeners of one compat protocol (`lm://` or `Redis`): on `tcp` and on the Unix
-/// socket `socket`, each if configured.
+/// The listeners of one compat protocol: on `tcp` and on the Unix socket `socket`, each if
+/// configured; errors name them `tcp_what` and `unix_what`.
 async fn compat_listeners(
-    protocol: &'static str,
+    [tcp_what, unix_what]: [&'static str; 2],
     tcp: Option<SocketAddr>,
     socket: Option<&Path>,
     bind_unix: &impl Fn(&'static str, &Path) -> Result<UnixListener, AgentError>,
 ) -> Result<Vec<compat::Listener>, AgentError> {
-    let [tcp_what, unix_what] = if protocol == "lm://" {
-        ["lm:// address", "lm:// socket"]
-    } else {
-        ["Redis address", "Redis socket"]
-    };
     let mut out = Vec::new();
     if let Some(addr) = tcp {
         out.push(compat::Listener::Tcp(bind_tcp(tcp_what, addr).await?));

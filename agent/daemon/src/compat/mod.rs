@@ -254,22 +254,27 @@ impl LmMeta {
         out
     }
 
+    /// The first group of an LMCache record, whatever value it describes; `None` when `meta`
+    /// is not shaped as one (`8 + 20·groups` bytes) or its length is negative.
+    #[must_use]
+    pub fn parse(meta: &[u8]) -> Option<Self> {
+        if meta.len() < Self::LEN || !(meta.len() - 8).is_multiple_of(20) {
+            return None;
+        }
+        let m = Self {
+            length: int_at(meta, 0),
+            fmt: int_at(meta, 1),
+            dtype: int_at(meta, 2),
+            shape: [3, 4, 5, 6].map(|i| int_at(meta, i)),
+        };
+        (m.length >= 0).then_some(m)
+    }
+
     /// The first group of a record stored with a value of `value_len` bytes; `None` when the
     /// metadata is not an LMCache record for that value (a value some other client stored).
     #[must_use]
     pub fn decode(meta: &[u8], value_len: u64) -> Option<Self> {
-        if meta.len() < Self::LEN || !(meta.len() - 8).is_multiple_of(20) {
-            return None;
-        }
-        let int =
-            |i: usize| i32::from_le_bytes(meta[i * 4..i * 4 + 4].try_into().unwrap_or([0; 4]));
-        let m = Self {
-            length: int(0),
-            fmt: int(1),
-            dtype: int(2),
-            shape: [int(3), int(4), int(5), int(6)],
-        };
-        (u64::try_from(m.length).ok() == Some(value_len)).then_some(m)
+        Self::parse(meta).filter(|m| u64::try_from(m.length).ok() == Some(value_len))
     }
 }
 

@@ -639,14 +639,7 @@ impl Conn {
         base: &[u8],
         value: &[u8],
     ) -> Result<Option<bool>, String> {
-        let length = value
-            .get(..4)
-            .map(|b| i32::from_le_bytes(b.try_into().unwrap_or([0; 4])));
-        let described = value.len() <= LM_META_ROOM
-            && length
-                .and_then(|n| u64::try_from(n).ok())
-                .is_some_and(|n| LmMeta::decode(value, n).is_some());
-        if !described {
+        if value.len() > LM_META_ROOM || LmMeta::parse(value).is_none() {
             return Ok(None);
         }
         let session = self.session.id().map_err(|e| engine_reply(&e))?;
